@@ -27,6 +27,7 @@ import jwt
 import orjson
 
 REPO = Path(__file__).resolve().parent.parent
+READY_LINE = "tidings is ready"  # printed by `tidings run` once the hub and every worker reported READY=1
 STARTUP_TIMEOUT = 20.0  # seconds: a cold start of hub + workers on a loaded 2-core CI box
 
 
@@ -97,7 +98,7 @@ class TidingsService:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tidings exited early ({self.proc.returncode}):\n{self.logs()}")
-            if self.healthy():
+            if READY_LINE in self.logs():
                 return
             time.sleep(0.05)
         raise RuntimeError(f"tidings not ready after {timeout}s:\n{self.logs()}")
