@@ -1,0 +1,3 @@
+"""tidings: a real-time event service. `tidings.cli` is the command line; `hub` and `workers` the processes."""
+
+__version__ = "0.1.0"

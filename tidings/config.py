@@ -1,0 +1,250 @@
+"""The one configuration object: every setting, its default and why, read once and passed down.
+
+Sources, later ones winning: the named defaults below, `TIDINGS_*` environment variables, then
+command-line flags. Nothing else in tidings reads the environment for settings; components get
+the `Config` (or the fields they need) as an argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "TIDINGS_"
+MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash output
+DEV_SECRET_FILE = "jwt-secret"  # created by `tidings run` when no key is configured
+DEV_API_KEY_FILE = "api-key"
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the setting and what to do."""
+
+
+def _default_runtime_dir() -> str:
+    # XDG_RUNTIME_DIR is per user and wiped at logout, the right home for sockets and a dev secret.
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return str(Path(base) / f"tidings-{os.getuid()}")
+
+
+def _setting(default: Any, doc: str, *, secret: bool = False, flag: bool = True) -> Any:
+    meta = {"doc": doc, "secret": secret, "flag": flag}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    # -- where it listens ------------------------------------------------------------------
+    host: str = _setting("127.0.0.1", "WebSocket listen address (loopback until you mean otherwise)")
+    port: int = _setting(8080, "WebSocket port, shared by every worker through SO_REUSEPORT")
+    workers: int = _setting(lambda: os.cpu_count() or 1, "worker processes for `tidings run`: one per core")
+    api_host: str = _setting("127.0.0.1", "HTTP publish API and /metrics address (keep it private)")
+    api_port: int = _setting(8081, "HTTP publish API port, shared by the workers (0 turns the API off)")
+    api_key: str = _setting("", "bearer key for POST /api/*; `tidings run` makes one when unset", secret=True)
+    backlog: int = _setting(4096, "listen backlog: absorbs a reconnect storm (capped by net.core.somaxconn)")
+
+    # -- tokens ----------------------------------------------------------------------------
+    jwt_secret: str = _setting("", "HS256 shared secret, at least 32 bytes", secret=True)
+    jwt_public_key: str = _setting("", "path of a PEM public key for RS256/ES256 tokens")
+    jwt_algorithm: str = _setting("HS256", "the one algorithm accepted: HS256, RS256 or ES256")
+    jwt_previous_secret: str = _setting("", "the key being rotated out, accepted until the overlap ends",
+                                        secret=True)
+    jwt_previous_public_key: str = _setting("", "path of the PEM public key being rotated out")
+    jwt_rotation_overlap: float = _setting(86400.0, "seconds the previous key stays valid after a reload")
+    jwt_issuer: str = _setting("", "required `iss` claim, checked when set")
+    jwt_audience: str = _setting("", "required `aud` claim, checked when set")
+    jwt_leeway: float = _setting(5.0, "seconds of clock skew tolerated on exp/nbf/iat")
+    max_token_ttl: float = _setting(86400.0, "a token whose exp lies further ahead is refused (24 h)")
+    max_token_bytes: int = _setting(8192, "tokens longer than this are refused before decoding")
+
+    # -- processes and endpoints -----------------------------------------------------------
+    runtime_dir: str = _setting(_default_runtime_dir, "ipc:// endpoints, dev secrets and metrics live here")
+    hub_ingress: str = _setting("", "hub PULL endpoint publishers push to (default ipc://RUNTIME_DIR/ingress)")
+    hub_egress: str = _setting("", "hub XPUB endpoint workers subscribe to (default ipc://RUNTIME_DIR/egress)")
+    hub_hwm: int = _setting(100_000, "ZeroMQ messages queued per peer before the hub drops (~20 MB at 200 B)")
+    metrics_dir: str = _setting("", "prometheus multiprocess directory (default RUNTIME_DIR/metrics)")
+
+    # -- limits ----------------------------------------------------------------------------
+    max_message_bytes: int = _setting(65536, "largest client message, frames or reassembled (Centrifugo's)")
+    max_subscriptions: int = _setting(256, "channels one connection may hold")
+    max_connections: int = _setting(100_000, "connections per worker before new ones get close 4100")
+    max_connections_per_user: int = _setting(100, "connections per `sub` per worker before close 4101")
+    max_pending_bytes: int = _setting(1 << 20, "unsent bytes a connection may queue before it is aborted")
+    rate_limit: float = _setting(100.0, "commands per second per connection (token bucket refill)")
+    rate_burst: int = _setting(200, "commands a connection may send at once")
+    publish_rate_limit: float = _setting(20.0, "publishes per second per connection")
+    publish_burst: int = _setting(20, "publishes a connection may send at once")
+    rate_abuse_limit: int = _setting(1000, "refusals within 10 s that close the connection with 4129")
+    handshake_timeout: float = _setting(5.0, "seconds to complete the HTTP upgrade (slowloris)")
+    idle_timeout: float = _setting(25.0, "seconds of silence before the server pings")
+    pong_timeout: float = _setting(20.0, "seconds to answer that ping before the connection is dropped")
+    subscribe_timeout: float = _setting(2.0, "seconds to wait for the hub to confirm a new channel")
+    unsubscribe_grace: float = _setting(1.0, "seconds a channel stays subscribed at the hub after its last "
+                                             "local subscriber leaves (reconnects are cheap)")
+    drain_window: float = _setting(10.0, "seconds over which a stopping worker closes its clients with 1001")
+    allowed_origins: tuple[str, ...] = _setting((), "browser Origins allowed besides the server's own; '*' = any")
+
+    # -- operations ------------------------------------------------------------------------
+    log_format: str = _setting("text", "text for a terminal, json for journald")
+    log_level: str = _setting("info", "debug, info, warning or error")
+    conformance_echo: bool = _setting(False, "serve /echo for the Autobahn test suite (a test aid)")
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def ingress_endpoint(self) -> str:
+        return self.hub_ingress or f"ipc://{Path(self.runtime_dir) / 'ingress'}"
+
+    @property
+    def egress_endpoint(self) -> str:
+        return self.hub_egress or f"ipc://{Path(self.runtime_dir) / 'egress'}"
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.metrics_dir or Path(self.runtime_dir) / "metrics")
+
+    # -- building ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Config:
+        """Defaults, then TIDINGS_* variables, then explicit overrides (parsed CLI flags)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(env_name(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = parse_value(f, raw)
+        for name, value in (overrides or {}).items():
+            if value is not None:
+                f = _FIELDS[name]
+                values[name] = parse_value(f, value) if isinstance(value, str) else value
+        config = cls(**values)
+        config.check_values()
+        return config
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def check_values(self) -> None:
+        """Checks that need no key material; every role runs these."""
+        if self.jwt_algorithm not in ("HS256", "RS256", "ES256"):
+            raise ConfigError(f"TIDINGS_JWT_ALGORITHM must be HS256, RS256 or ES256, not {self.jwt_algorithm!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("TIDINGS_LOG_FORMAT must be text or json")
+        if self.workers < 1:
+            raise ConfigError("TIDINGS_WORKERS must be at least 1")
+        for name in ("max_message_bytes", "max_subscriptions", "max_pending_bytes", "rate_burst",
+                     "publish_burst", "max_connections", "max_connections_per_user"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{env_name(name)} must be at least 1")
+        for name in ("rate_limit", "publish_rate_limit", "idle_timeout", "pong_timeout", "drain_window",
+                     "handshake_timeout", "subscribe_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{env_name(name)} must be above 0")
+
+    def check_keys(self, *, need_api_key: bool) -> None:
+        """What a serving process needs: refuse to start rather than accept any token."""
+        if self.jwt_algorithm == "HS256":
+            if not self.jwt_secret:
+                raise ConfigError(
+                    "no token key: set TIDINGS_JWT_SECRET (at least 32 random bytes, e.g. "
+                    "`openssl rand -hex 32`) or TIDINGS_JWT_PUBLIC_KEY with TIDINGS_JWT_ALGORITHM=RS256/ES256"
+                )
+            if len(self.jwt_secret.encode()) < MIN_SECRET_BYTES:
+                raise ConfigError(f"TIDINGS_JWT_SECRET is shorter than {MIN_SECRET_BYTES} bytes")
+            if self.jwt_public_key:
+                raise ConfigError("TIDINGS_JWT_PUBLIC_KEY is set but TIDINGS_JWT_ALGORITHM is HS256: "
+                                  "one algorithm family per key")
+        else:
+            if not self.jwt_public_key:
+                raise ConfigError(f"TIDINGS_JWT_ALGORITHM={self.jwt_algorithm} needs TIDINGS_JWT_PUBLIC_KEY")
+            if not Path(self.jwt_public_key).is_file():
+                raise ConfigError(f"TIDINGS_JWT_PUBLIC_KEY: no file at {self.jwt_public_key}")
+        if need_api_key and self.api_port and len(self.api_key) < 16:
+            raise ConfigError("TIDINGS_API_KEY must be set (16+ characters) for the HTTP publish API, "
+                              "or TIDINGS_API_PORT=0 to turn the API off")
+
+    def with_dev_keys(self) -> Config:
+        """First-run convenience for `tidings run` and `tidings token`: keys kept in the runtime dir."""
+        changes: dict[str, Any] = {}
+        if self.jwt_algorithm == "HS256" and not self.jwt_secret:
+            changes["jwt_secret"] = _read_or_create_secret(Path(self.runtime_dir) / DEV_SECRET_FILE)
+        if not self.api_key:
+            changes["api_key"] = _read_or_create_secret(Path(self.runtime_dir) / DEV_API_KEY_FILE)
+        return self.replace(**changes) if changes else self
+
+    # -- showing ----------------------------------------------------------------------------
+    def to_env(self) -> dict[str, str]:
+        """The config as TIDINGS_* variables: how `tidings run` hands it to its children."""
+        return {env_name(f.name): format_value(getattr(self, f.name)) for f in fields(self)}
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(variable, value with secrets redacted, doc) for `tidings config`."""
+        rows = []
+        for f in fields(self):
+            value = format_value(getattr(self, f.name))
+            if f.metadata["secret"] and value:
+                value = "<redacted>"
+            rows.append((env_name(f.name), value, f.metadata["doc"]))
+        return rows
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def config_fields() -> list[dataclasses.Field[Any]]:
+    return list(fields(Config))
+
+
+def parse_value(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind.startswith("tuple"):
+            return tuple(p for p in raw.replace(",", " ").split() if p)
+    except ValueError:
+        raise ConfigError(f"{env_name(f.name)}: cannot read {raw!r} as {kind}") from None
+    return raw
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def _read_or_create_secret(path: Path) -> str:
+    try:
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = secrets.token_hex(32)
+    # O_EXCL: when two commands race, one writes and the other reads the winner's secret.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+    return value

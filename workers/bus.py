@@ -1,0 +1,115 @@
+"""A worker's ZeroMQ side: SUB from the hub's XPUB, PUSH to the hub's ingress. Only moves bytes.
+
+The SUB socket is read with `loop.add_reader` on its edge-triggered ZMQ_FD: each wake-up drains
+up to DRAIN_BATCH messages without blocking, then re-checks ZMQ_EVENTS (reading it can consume
+the edge) and reschedules itself if more is waiting. A monitor socket reports whether the hub
+connection is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+DRAIN_BATCH = 1000  # hub messages per loop callback: frames for a batch leave in one write each
+PUSH_HWM = 10_000  # publishes queued towards the hub before `publish` replies internal_error
+RECONNECT_MAX_MS = 1000  # cap on ZeroMQ's reconnect backoff: the hub is back within a second
+
+EventHandler = Callable[[list[bytes]], None]
+
+
+class HubBus:
+    def __init__(self, ingress: str, egress: str, hwm: int, log: logging.Logger,
+                 on_messages: Callable[[list[list[bytes]]], None],
+                 on_hub_state: Callable[[bool], None]) -> None:
+        self.ingress = ingress
+        self.egress = egress
+        self.log = log
+        self.on_messages = on_messages
+        self.on_hub_state = on_hub_state
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.RCVHWM, hwm)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.IMMEDIATE, 1)  # no queueing into a hub that is not there
+        self.push.setsockopt(zmq.SNDHWM, PUSH_HWM)
+        self.push.setsockopt(zmq.LINGER, 500)
+        self.push.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
+        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.connected = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._drain_scheduled = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.sub.connect(self.egress)
+        self.push.connect(self.ingress)
+        loop.add_reader(self.sub.getsockopt(zmq.FD), self._drain)
+        loop.add_reader(self.monitor.getsockopt(zmq.FD), self._drain_monitor)
+        # Edge-triggered: anything that arrived before add_reader would never wake us.
+        loop.call_soon(self._drain)
+        loop.call_soon(self._drain_monitor)
+
+    def close(self) -> None:
+        if self.loop is not None and not self.sub.closed:
+            self.loop.remove_reader(self.sub.getsockopt(zmq.FD))
+            self.loop.remove_reader(self.monitor.getsockopt(zmq.FD))
+        self.sub.disable_monitor()
+        self.monitor.close(0)
+        self.sub.close(0)
+        self.push.close()
+        self.ctx.term()
+
+    # -- hub -> worker -------------------------------------------------------------------------------
+    def subscribe(self, topic: bytes) -> None:
+        self.sub.setsockopt(zmq.SUBSCRIBE, topic)
+
+    def unsubscribe(self, topic: bytes) -> None:
+        self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        recv = self.sub.recv_multipart
+        batch: list[list[bytes]] = []
+        append = batch.append
+        try:
+            for _ in range(DRAIN_BATCH):
+                append(recv(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+        if batch:
+            self.on_messages(batch)
+        if self.sub.getsockopt(zmq.EVENTS) & zmq.POLLIN and not self._drain_scheduled:
+            self._drain_scheduled = True
+            assert self.loop is not None
+            self.loop.call_soon(self._drain)
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            up = event["event"] == zmq.EVENT_CONNECTED
+            if up != self.connected:
+                self.connected = up
+                self.on_hub_state(up)
+        # Same edge rule as the SUB socket.
+        if self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            assert self.loop is not None
+            self.loop.call_soon(self._drain_monitor)
+
+    # -- worker -> hub -------------------------------------------------------------------------------
+    def push_event(self, topic: bytes, body: bytes) -> bool:
+        """Hand an event to the hub without blocking; False if the hub cannot take it now."""
+        try:
+            self.push.send_multipart((topic, body), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False

@@ -1,0 +1,287 @@
+"""picows glue: RFC 6455 rules picows leaves to us, then feed -> carry out outputs -> flush.
+
+picows parses frames but leaves these to the application: RSV bits must be 0 (we negotiate no
+extension), text must be valid UTF-8, a continuation must follow an unfinished message, a
+message spread over frames is capped as a whole, and a peer's close code must be valid.
+`FramedConnection` enforces them once for every endpoint and hands whole messages to
+`on_message`. Outbound frames never go through picows' send: the worker queues prebuilt frame
+bytes per connection and writes each connection's queue once per loop pass (see `Worker.flush`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+
+from workers import errors
+from workers.errors import CloseReason, Disconnect, ReplyCode, RequestError
+from workers.protocol import Close, Forward, Join, Leave, Output, Send, Session, error_reply
+
+if TYPE_CHECKING:
+    from workers.server import Worker
+
+log = logging.getLogger("tidings.worker")
+
+TEXT = WSMsgType.TEXT
+BINARY = WSMsgType.BINARY
+CONTINUATION = WSMsgType.CONTINUATION
+CLOSE = WSMsgType.CLOSE
+PONG = WSMsgType.PONG
+
+
+def frame_header(opcode: int, length: int) -> bytes:
+    """An unmasked server frame header, FIN set."""
+    first = 0x80 | opcode
+    if length < 126:
+        return bytes((first, length))
+    if length < 65536:
+        return bytes((first, 126)) + length.to_bytes(2, "big")
+    return bytes((first, 127)) + length.to_bytes(8, "big")
+
+
+def text_frame(payload: bytes) -> bytes:
+    return frame_header(0x1, len(payload)) + payload
+
+
+def valid_close_code(code: int) -> bool:
+    """RFC 6455 §7.4: codes a peer may send (1004-1006 and 1015 are never on the wire)."""
+    return code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+class FramedConnection(WSListener):
+    """Frame-level rules shared by every endpoint; subclasses implement `on_message`."""
+
+    __slots__ = (
+        "close_code",
+        "closed",
+        "fragment_type",
+        "fragments",
+        "last_seen",
+        "ping_sent_at",
+        "raw",
+        "transport",
+        "worker",
+    )
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__()
+        self.worker = worker
+        self.transport: WSTransport | None = None
+        self.raw = None  # the uvloop transport under picows: frames are written to it directly
+        self.fragments: bytearray | None = None  # a message being reassembled
+        self.fragment_type = TEXT
+        self.last_seen = 0.0
+        self.ping_sent_at: float | None = None
+        self.closed = False
+        self.close_code = 1006  # what we record if the peer vanishes without a close frame
+
+    # -- picows callbacks ---------------------------------------------------------------------------
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        self.raw = transport.underlying_transport
+        self.last_seen = self.worker.loop.time()
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if self.closed:
+            return
+        self.last_seen = self.worker.loop.time()
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            return self.close(errors.PROTOCOL_ERROR)
+        msg_type = frame.msg_type
+        if msg_type is TEXT or msg_type is BINARY:
+            if self.fragments is not None:
+                return self.close(errors.PROTOCOL_ERROR)  # a new message inside an unfinished one
+            if frame.fin:
+                return self._message(msg_type, frame.get_payload_as_bytes())
+            self.fragments = bytearray(frame.get_payload_as_memoryview())
+            self.fragment_type = msg_type
+            return None
+        if msg_type is CONTINUATION:
+            if self.fragments is None:
+                return self.close(errors.PROTOCOL_ERROR)
+            if len(self.fragments) + frame.payload_size > self.worker.config.max_message_bytes:
+                return self.close(errors.MESSAGE_TOO_BIG)
+            self.fragments += frame.get_payload_as_memoryview()
+            if frame.fin:
+                payload, self.fragments = bytes(self.fragments), None
+                return self._message(self.fragment_type, payload)
+            return None
+        if msg_type is CLOSE:
+            return self._peer_close(frame)
+        if msg_type is PONG:
+            self.ping_sent_at = None
+        return None  # PING: picows answers it (enable_auto_pong)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.closed = True
+        self.worker.connection_lost(self)
+
+    # -- inbound ------------------------------------------------------------------------------------
+    def _message(self, msg_type: WSMsgType, payload: bytes) -> None:
+        if msg_type is TEXT:
+            try:
+                payload.decode()
+            except UnicodeDecodeError:
+                return self.close(errors.INVALID_PAYLOAD)
+        try:
+            self.on_message(msg_type, payload)
+        except Exception:
+            # A bug, not the client's fault: log it, tell the client, keep the connection.
+            log.exception("internal error handling a message on %s", self.describe())
+            self.worker.stats.commands[("unknown", "internal_error")] += 1
+            self.send(error_reply(RequestError(ReplyCode.INTERNAL_ERROR, "internal error")))
+        return None
+
+    def on_message(self, msg_type: WSMsgType, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def _peer_close(self, frame: WSFrame) -> None:
+        size = frame.payload_size
+        if size == 0:
+            code, reason = 1000, b""
+        elif size == 1:
+            return self.close(errors.PROTOCOL_ERROR)
+        else:
+            code = int(frame.get_close_code())
+            reason = frame.get_close_message()
+            if not valid_close_code(code):
+                return self.close(errors.PROTOCOL_ERROR)
+            try:
+                reason.decode()
+            except UnicodeDecodeError:
+                return self.close(errors.INVALID_PAYLOAD)
+        self.close(CloseReason(code, ""))  # echo the peer's code, as RFC 6455 §5.5.1 suggests
+        return None
+
+    # -- outbound -----------------------------------------------------------------------------------
+    def send(self, payload: bytes) -> None:
+        """Queue one text frame; it leaves with everything else queued in this loop pass."""
+        if not self.closed:
+            self.worker.enqueue(self, text_frame(payload))
+
+    def close(self, reason: CloseReason, reply: bytes | None = None) -> None:
+        """Flush what is queued, send `reply`, then the close frame (or abort), and disconnect."""
+        if self.closed or self.transport is None:
+            return
+        if reply is not None:
+            self.worker.enqueue(self, text_frame(reply))
+        self.worker.flush_one(self)
+        self.closed = True
+        self.close_code = reason.code
+        if reason.graceful:
+            self.transport.send_close(WSCloseCode(reason.code), reason.reason.encode())
+            self.transport.disconnect(graceful=True)
+        else:
+            self.transport.disconnect(graceful=False)
+
+    def send_ping(self, now: float) -> None:
+        if self.transport is not None and not self.closed:
+            self.worker.flush_one(self)
+            self.transport.send_ping()
+            self.ping_sent_at = now
+
+    def describe(self) -> str:
+        return "connection"
+
+
+class ClientConnection(FramedConnection):
+    """/ws: the tidings protocol, driven through a sans-I/O `Session`."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, worker: Worker, session: Session) -> None:
+        super().__init__(worker)
+        self.session = session
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        super().on_ws_connected(transport)
+        refusal = self.worker.connection_made(self)
+        if refusal is not None:
+            return self.close(refusal)
+        self.carry_out(self.session.open())
+        return None
+
+    def on_message(self, msg_type: WSMsgType, payload: bytes) -> None:
+        if msg_type is not TEXT:
+            self.worker.stats.commands[("binary", "invalid_request")] += 1
+            return self.send(error_reply(RequestError(
+                ReplyCode.INVALID_REQUEST, "binary frames are not part of the protocol; send JSON text")))
+        outputs = self.session.handle(payload, self.last_seen, self.worker.hub_up)
+        self.carry_out(outputs)
+        return None
+
+    def carry_out(self, outputs: list[Output]) -> None:
+        worker = self.worker
+        result = self.session.last_result
+        for out in outputs:
+            if type(out) is Send:
+                self.send(out.payload)
+            elif type(out) is Join:
+                ready = worker.channels.join(self, out.channel, out.ok, out.failed, self.last_seen,
+                                             worker.config.subscribe_timeout)
+                if ready is not None:
+                    self.send(ready)
+            elif type(out) is Leave:
+                worker.channels.leave(self, out.channel, self.last_seen)
+            elif type(out) is Forward:
+                if worker.bus.push_event(out.topic, out.body):
+                    self.send(out.ok)
+                else:
+                    worker.stats.publishes_failed += 1
+                    result = "error"
+                    self.send(out.failed)
+            elif type(out) is Close:
+                self._close_for(out.error)
+                result = "closed"
+        if result == "rate_limited":
+            worker.stats.rate_limited += 1
+        worker.stats.commands[(self.session.last_type, result)] += 1
+
+    def _close_for(self, error: Disconnect) -> None:
+        reply = error_reply(error.reply) if error.reply is not None else None
+        log.warning("closing %s: %s", self.describe(), error.reason.reason)
+        self.close(error.reason, reply)
+
+    def describe(self) -> str:
+        return f"{self.session.connection_id} (sub {self.session.claims.sub})"
+
+
+class RejectedConnection(FramedConnection):
+    """A bad token: the upgrade completes so the client can read why, then 4001/4002."""
+
+    __slots__ = ("reason", "reply")
+
+    def __init__(self, worker: Worker, reason: CloseReason, reply: bytes) -> None:
+        super().__init__(worker)
+        self.reason = reason
+        self.reply = reply
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        super().on_ws_connected(transport)
+        self.close(self.reason, self.reply)
+
+    def on_message(self, msg_type: WSMsgType, payload: bytes) -> None:
+        return None
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.closed = True  # never counted as a connection
+
+
+class EchoConnection(FramedConnection):
+    """/echo (TIDINGS_CONFORMANCE_ECHO=1 only): the same frame layer, each message sent back."""
+
+    __slots__ = ()
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        super().on_ws_connected(transport)
+        self.worker.echo_connections.add(self)
+
+    def on_message(self, msg_type: WSMsgType, payload: bytes) -> None:
+        opcode = 0x1 if msg_type is TEXT else 0x2
+        self.worker.enqueue(self, frame_header(opcode, len(payload)) + payload)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.closed = True
+        self.worker.echo_connections.discard(self)

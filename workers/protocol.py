@@ -1,0 +1,288 @@
+"""The per-connection protocol, sans I/O.
+
+Rules of this module:
+1. No sockets, no event loop, no clock of its own: time comes in as an argument, bytes come in
+   from the glue, and what should happen goes out as `Output` values (replies to send, channels
+   to join or leave, events to forward to the hub, a close).
+2. Every input either produces a reply or an `error` reply; the only exception that escapes
+   `Session.handle` is a bug, which the glue turns into `internal_error`.
+
+The glue (`workers/connection.py`) feeds a text frame to `Session.handle` and carries out the
+outputs in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from hub.envelope import EnvelopeError, check_channel, check_event_type, encode_event
+from tidings.config import Config
+from workers.auth import Claims
+from workers.errors import RATE_ABUSE, Disconnect, ReplyCode, RequestError
+
+MAX_ID_CHARS = 64
+MAX_DEPTH = 32  # JSON nesting a client may send; deeper is refused before it reaches anything
+ABUSE_WINDOW = 10.0  # seconds over which rate-limit refusals are counted towards a close
+
+
+# -- outputs ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Send:
+    payload: bytes  # one JSON text frame
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Add this connection to `channel`; send `ok` once the hub confirms the channel.
+    If the hub does not confirm in time: send `failed` and undo the join, or, when `failed` is
+    None, keep the membership (ZeroMQ re-sends the subscription) and send `ok` anyway."""
+
+    channel: str
+    ok: bytes
+    failed: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Hand an encoded event to the hub; reply `ok` if it took it, else `failed`."""
+
+    topic: bytes
+    body: bytes
+    ok: bytes
+    failed: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    error: Disconnect
+
+
+Output = Send | Join | Leave | Forward | Close
+
+
+# -- replies --------------------------------------------------------------------------------------
+def reply(type_: str, id_: str | None, data: dict[str, Any]) -> bytes:
+    if id_ is None:
+        return orjson.dumps({"type": type_, "data": data})
+    return orjson.dumps({"type": type_, "id": id_, "data": data})
+
+
+def error_reply(error: RequestError, id_: str | None = None) -> bytes:
+    return reply("error", id_, {"code": error.code.value, "message": error.message, **error.extra})
+
+
+PONG_NO_ID = reply("pong", None, {})
+
+
+# -- rate limiting ---------------------------------------------------------------------------------
+class TokenBucket:
+    """`rate` tokens per second, at most `burst` saved up. Time is passed in."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, now: float) -> float:
+        """0.0 if a token was taken, else the seconds until one will be there."""
+        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return 0.0
+        self.tokens = tokens
+        return (1.0 - tokens) / self.rate
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    max_subscriptions: int = 256
+    rate_limit: float = 100.0
+    rate_burst: int = 200
+    publish_rate_limit: float = 20.0
+    publish_burst: int = 20
+    rate_abuse_limit: int = 1000
+
+    @classmethod
+    def from_config(cls, config: Config) -> SessionLimits:
+        return cls(config.max_subscriptions, config.rate_limit, config.rate_burst,
+                   config.publish_rate_limit, config.publish_burst, config.rate_abuse_limit)
+
+
+# -- parsing ------------------------------------------------------------------------------------------
+def _too_deep(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def parse_message(payload: bytes) -> tuple[str, str | None, dict[str, Any]]:
+    """(type, id, data) of one client message, or RequestError(invalid_request)."""
+    try:
+        msg = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise RequestError(ReplyCode.INVALID_REQUEST, "message is not valid JSON") from None
+    if not isinstance(msg, dict):
+        raise RequestError(ReplyCode.INVALID_REQUEST, "message must be a JSON object")
+    id_ = msg.get("id")
+    if id_ is not None and (not isinstance(id_, str) or len(id_) > MAX_ID_CHARS):
+        raise RequestError(ReplyCode.INVALID_REQUEST, f"id must be a string of at most {MAX_ID_CHARS} characters")
+    # A cheap byte count first: only a message with many brackets can be too deep.
+    if len(payload) > MAX_DEPTH * 2 and payload.count(b"{") + payload.count(b"[") > MAX_DEPTH \
+            and _too_deep(msg, MAX_DEPTH):
+        raise RequestError(ReplyCode.INVALID_REQUEST, f"message is nested deeper than {MAX_DEPTH} levels")
+    type_ = msg.get("type")
+    if not isinstance(type_, str):
+        raise RequestError(ReplyCode.INVALID_REQUEST, "type must be a string", id_)
+    data = msg.get("data", {} if type_ == "ping" else None)
+    if not isinstance(data, dict):
+        raise RequestError(ReplyCode.INVALID_REQUEST, "data must be a JSON object", id_)
+    return type_, id_, data
+
+
+def _channel(data: dict[str, Any]) -> str:
+    try:
+        return check_channel(data.get("channel"))
+    except EnvelopeError as exc:
+        raise RequestError(ReplyCode.INVALID_REQUEST, str(exc)) from None
+
+
+# -- the session ----------------------------------------------------------------------------------------
+class Session:
+    """One client connection's protocol state: its claims, channels and rate buckets."""
+
+    def __init__(self, claims: Claims, connection_id: str, limits: SessionLimits, now: float) -> None:
+        self.claims = claims
+        self.connection_id = connection_id
+        self.limits = limits
+        self.channels: set[str] = set()
+        self.commands = TokenBucket(limits.rate_limit, limits.rate_burst, now)
+        self.publishes = TokenBucket(limits.publish_rate_limit, limits.publish_burst, now)
+        self.abuse_window_start = now
+        self.abuse_count = 0
+        self.last_type = ""  # for metrics: the type of the command just handled ...
+        self.last_result = ""  # ... and how it ended: ok, error, rate_limited or closed
+
+    def open(self) -> list[Output]:
+        """On connect: join the personal channel, then say `connected`."""
+        personal = self.claims.personal_channel
+        self.channels.add(personal)
+        connected = reply("connected", None, {
+            "user_id": self.claims.sub, "connection_id": self.connection_id,
+            "expires_at": int(self.claims.exp),
+        })
+        return [Join(personal, connected, None)]
+
+    def forget(self, channel: str) -> None:
+        """The glue could not complete a join: the channel is not held."""
+        self.channels.discard(channel)
+
+    def handle(self, payload: bytes, now: float, hub_up: bool) -> list[Output]:
+        self.last_type = "unknown"
+        self.last_result = "error"
+        wait = self.commands.take(now)
+        if wait:
+            return self._refuse(now, wait, None)
+        try:
+            type_, id_, data = parse_message(payload)
+        except RequestError as exc:
+            return [Send(error_reply(exc, exc.request_id))]
+        self.last_type = type_
+        self.last_result = "ok"
+        try:
+            if type_ == "ping":
+                return [Send(PONG_NO_ID if id_ is None else reply("pong", id_, {}))]
+            if type_ == "subscribe":
+                return self._subscribe(_channel(data), id_, hub_up)
+            if type_ == "unsubscribe":
+                return self._unsubscribe(_channel(data), id_)
+            if type_ == "publish":
+                return self._publish(data, id_, now, hub_up)
+            self.last_type = "unknown"
+            raise RequestError(ReplyCode.INVALID_REQUEST, f"unknown type {type_[:32]!r}")
+        except RequestError as exc:
+            if exc.code is ReplyCode.RATE_LIMITED:
+                return self._refuse(now, exc.extra["retry_after_ms"] / 1000, id_)
+            self.last_result = "error"
+            return [Send(error_reply(exc, id_))]
+
+    # -- commands ---------------------------------------------------------------------------------
+    def _subscribe(self, channel: str, id_: str | None, hub_up: bool) -> list[Output]:
+        ok = reply("subscribed", id_, {"channel": channel})
+        if channel in self.channels:
+            return [Send(ok)]  # idempotent
+        if not self.claims.may_subscribe(channel):
+            raise RequestError(ReplyCode.UNAUTHORIZED, f"token does not allow subscribing to {channel}")
+        if len(self.channels) >= self.limits.max_subscriptions:
+            raise RequestError(ReplyCode.SUBSCRIPTION_FAILED,
+                               f"subscription limit of {self.limits.max_subscriptions} reached")
+        if not hub_up:
+            raise RequestError(ReplyCode.SUBSCRIPTION_FAILED, "hub unavailable, try again shortly")
+        self.channels.add(channel)
+        failed = error_reply(RequestError(ReplyCode.SUBSCRIPTION_FAILED, "hub did not confirm the channel"), id_)
+        return [Join(channel, ok, failed)]
+
+    def _unsubscribe(self, channel: str, id_: str | None) -> list[Output]:
+        ok = Send(reply("unsubscribed", id_, {"channel": channel}))
+        if channel not in self.channels:
+            return [ok]  # idempotent
+        self.channels.discard(channel)
+        return [Leave(channel), ok]
+
+    def _publish(self, data: dict[str, Any], id_: str | None, now: float, hub_up: bool) -> list[Output]:
+        channel = _channel(data)
+        try:
+            type_ = check_event_type(data.get("type"))
+        except EnvelopeError as exc:
+            raise RequestError(ReplyCode.INVALID_REQUEST, str(exc)) from None
+        event_data = data.get("data", {})
+        if not isinstance(event_data, dict):
+            raise RequestError(ReplyCode.INVALID_REQUEST, "data.data must be a JSON object")
+        if not self.claims.may_publish(channel):
+            raise RequestError(ReplyCode.UNAUTHORIZED, f"token does not allow publishing to {channel}")
+        wait = self.publishes.take(now)
+        if wait:
+            raise RequestError(ReplyCode.RATE_LIMITED, "publish rate limit",
+                               retry_after_ms=max(1, int(wait * 1000)))
+        if not hub_up:
+            raise RequestError(ReplyCode.INTERNAL_ERROR, "hub unavailable, event not published")
+        try:
+            topic, body = encode_event(channel, type_, event_data, now=None)
+        except EnvelopeError as exc:
+            raise RequestError(ReplyCode.INVALID_REQUEST, str(exc)) from None
+        failed = error_reply(RequestError(ReplyCode.INTERNAL_ERROR, "hub did not take the event"), id_)
+        return [Forward(topic, body, reply("published", id_, {"channel": channel}), failed)]
+
+    def _refuse(self, now: float, wait: float, id_: str | None) -> list[Output]:
+        self.last_result = "rate_limited"
+        if now - self.abuse_window_start > ABUSE_WINDOW:
+            self.abuse_window_start = now
+            self.abuse_count = 0
+        self.abuse_count += 1
+        error = RequestError(ReplyCode.RATE_LIMITED, "too many requests",
+                             retry_after_ms=max(1, int(wait * 1000)))
+        if self.abuse_count > self.limits.rate_abuse_limit:
+            self.last_result = "closed"
+            return [Close(Disconnect(RATE_ABUSE, error))]
+        return [Send(error_reply(error, id_))]

@@ -1,0 +1,419 @@
+"""A worker process: picows listener + hub bus + HTTP API, with an ordered lifecycle.
+
+startup  -> bind the WebSocket port (SO_REUSEPORT) and the API port, connect to the hub
+serve    -> one housekeeping tick a second (expiry, idle pings, hub releases, metrics, watchdog)
+shutdown -> SIGTERM: stop accepting, close clients with 1001 spread over the drain window,
+            abort what is left, exit 0.  SIGHUP: reload keys and origins.
+
+The fan-out path: `on_hub_messages` turns each event into frame bytes once, queues the same
+bytes for every local subscriber, and `flush` writes each connection's queue in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import os
+import random
+import secrets
+import signal
+import time
+import urllib.parse
+from collections import Counter
+from typing import Any
+
+import orjson
+from picows import (
+    WSListener,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_create_server,
+)
+
+from hub.envelope import client_frame_payload, read_stamp
+from tidings.config import Config
+from tidings.logs import RateLimitedLog
+from tidings.metrics import Stats, StatsExporter
+from tidings.sdnotify import Notifier
+from workers import errors
+from workers.api import PublishAPI
+from workers.auth import AuthFailure, Claims, TokenVerifier
+from workers.bus import HubBus
+from workers.channels import ChannelRegistry, PendingJoin
+from workers.connection import ClientConnection, EchoConnection, FramedConnection, RejectedConnection, frame_header
+from workers.errors import CloseReason, ReplyCode, RequestError
+from workers.protocol import Session, SessionLimits, error_reply
+
+TICK_SECONDS = 1.0  # housekeeping period: expiry precision and metrics freshness
+IDLE_SWEEP_SECONDS = 5.0  # how often every connection's idle time is looked at
+READ_BUFFER_BYTES = 1024  # picows allocates this per connection up front; it grows for big frames
+ACCEPT_BACKOFF_MIN = 0.01  # after EMFILE: first pause before accepting again (doubling) ...
+ACCEPT_BACKOFF_MAX = 1.0  # ... up to this
+
+
+class Worker:
+    def __init__(self, config: Config, index: int, log: logging.Logger, notifier: Notifier, stats: Stats) -> None:
+        self.config = config
+        self.index = index
+        self.log = log
+        self.notifier = notifier
+        self.stats = stats
+        self.verifier = TokenVerifier.from_config(config)
+        self.limits = SessionLimits.from_config(config)
+        self.loop = asyncio.get_running_loop()
+        self.bus = HubBus(config.ingress_endpoint, config.egress_endpoint, config.hub_hwm, log,
+                          self.on_hub_messages, self.on_hub_state)
+        self.channels = ChannelRegistry(self.bus.subscribe, self.bus.unsubscribe)
+        self.connections: dict[ClientConnection, None] = {}
+        self.echo_connections: set[EchoConnection] = set()
+        self.per_user: Counter[str] = Counter()
+        self.expiry: list[tuple[float, int, ClientConnection]] = []
+        self.ids = itertools.count(1)
+        self.boot = secrets.token_hex(2)
+        self.pending: dict[FramedConnection, list[bytes]] = {}
+        self.flush_scheduled = False
+        self.hub_up = False
+        self.ready = False
+        self.stopping = False
+        self.stopped = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.api: PublishAPI | None = None
+        self.gap_log = RateLimitedLog(log)
+        self.next_idle_sweep = 0.0
+        self.listening = False  # set once the WebSocket and API ports both accept
+        self.finishing = False
+        self.drain_deadline: asyncio.TimerHandle | None = None
+
+    # == lifecycle =============================================================================
+    async def start(self) -> None:
+        self.bus.start(self.loop)
+        self.server = await ws_create_server(
+            self.listener_factory, self.config.host, self.config.port,
+            reuse_port=True, backlog=self.config.backlog,
+            websocket_handshake_timeout=self.config.handshake_timeout,
+            max_frame_size=self.config.max_message_bytes,
+            read_buffer_init_size=READ_BUFFER_BYTES,
+            enable_auto_pong=True,
+            disconnect_on_exception=True,
+        )
+        if self.config.api_port:
+            self.api = PublishAPI(self)
+            await self.api.start(self.config.api_host, self.config.api_port)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.begin_shutdown)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.log.info("worker %d serving ws://%s:%d/ws (pid %d)%s", self.index, self.config.host,
+                      self.config.port, os.getpid(), ", /echo on" if self.config.conformance_echo else "")
+        self.loop.call_later(TICK_SECONDS, self.tick)
+        self.exporter = StatsExporter(self.stats)
+        self.listening = True
+        self._check_ready()
+
+    async def run(self) -> int:
+        await self.start()
+        await self.stopped.wait()
+        return 0
+
+    def _check_ready(self) -> None:
+        if not self.ready and self.hub_up and self.listening:
+            self.ready = True
+            self.notifier.ready(self.status_line())
+            self.log.info("worker %d ready", self.index)
+
+    def begin_shutdown(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        window = self.config.drain_window
+        count = len(self.connections)
+        self.notifier.stopping(f"draining {count} connections over {window:.0f}s")
+        self.log.info("worker %d draining %d connections over %.1fs", self.index, count, window)
+        if self.server is not None:
+            self.server.close()  # stop accepting; queued connects go to sibling workers
+        # Spread the 1001s so clients do not all reconnect in one stampede.
+        for conn in list(self.connections):
+            self.loop.call_later(random.uniform(0, window * 0.9), conn.close, errors.GOING_AWAY)
+        for echo in list(self.echo_connections):
+            echo.close(errors.GOING_AWAY)
+        self.drain_deadline = self.loop.call_later(window, self._finish_shutdown)
+        if not self.connections:
+            self._finish_shutdown()
+
+    def _finish_shutdown(self) -> None:
+        if self.finishing:
+            return
+        self.finishing = True
+        if self.drain_deadline is not None:
+            self.drain_deadline.cancel()
+        left = [c for c in self.connections if not c.closed]
+        for conn in left:
+            conn.close(CloseReason(1001, "server going away", graceful=False))
+        self.loop.create_task(self._final_cleanup(len(left)))
+
+    async def _final_cleanup(self, aborted: int) -> None:
+        if self.api is not None:
+            await self.api.stop()
+        await asyncio.sleep(0.05)  # let disconnect callbacks run
+        self.exporter.flush()
+        self.bus.close()
+        self.log.info("worker %d stopped (%d connections aborted at the end of the drain)", self.index, aborted)
+        self.stopped.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read keys and origins; the old key stays valid for the rotation overlap."""
+        self.notifier.reloading()
+        try:
+            fresh = Config.load()
+            new = TokenVerifier.from_config(fresh)
+        except Exception as exc:
+            self.log.error("reload failed, keeping the current keys: %s", exc)
+            self.notifier.ready(self.status_line())
+            return
+        self.verifier = new.with_previous(self.verifier, time.time() + fresh.jwt_rotation_overlap)
+        self.config = self.config.replace(allowed_origins=fresh.allowed_origins)
+        self.log.info("worker %d reloaded keys and origins (previous key valid %.0fs more)",
+                      self.index, fresh.jwt_rotation_overlap)
+        self.notifier.ready(self.status_line())
+
+    def status_line(self) -> str:
+        return (f"{len(self.connections)} connections, {self.channels.active_channels} channels, "
+                f"hub {'up' if self.hub_up else 'down'}")
+
+    # == housekeeping ==========================================================================
+    def tick(self) -> None:
+        if self.stopped.is_set():
+            return
+        self.loop.call_later(TICK_SECONDS, self.tick)
+        now = self.loop.time()
+        wall = time.time()
+        self._expire_tokens(wall)
+        if now >= self.next_idle_sweep:
+            self.next_idle_sweep = now + IDLE_SWEEP_SECONDS
+            self._sweep_idle(now)
+        for late in self.channels.sweep(now, self.config.unsubscribe_grace):
+            self._answer_late_join(late)
+        s = self.stats
+        s.connections = len(self.connections)
+        s.subscriptions = self.channels.subscriptions
+        s.channels = self.channels.active_channels
+        s.hub_topics = self.channels.hub_topics
+        self.exporter.flush()
+        self.notifier.watchdog()
+        self.notifier.status(self.status_line())
+
+    def _expire_tokens(self, wall: float) -> None:
+        leeway = self.config.jwt_leeway
+        heap = self.expiry
+        while heap and heap[0][0] + leeway <= wall:
+            _, _, conn = heapq.heappop(heap)
+            if not conn.closed:
+                reply = error_reply(RequestError(ReplyCode.UNAUTHORIZED, "token expired"))
+                self.log.info("closing %s: token expired", conn.describe())
+                conn.close(errors.TOKEN_EXPIRED, reply)
+
+    def _sweep_idle(self, now: float) -> None:
+        idle_after = self.config.idle_timeout
+        pong_within = self.config.pong_timeout
+        for conn in list(self.connections):
+            if conn.ping_sent_at is not None:
+                if now - conn.ping_sent_at > pong_within:
+                    self.log.info("dropping %s: no pong in %.0fs", conn.describe(), pong_within)
+                    conn.close(errors.PING_TIMEOUT)
+            elif now - conn.last_seen > idle_after:
+                conn.send_ping(now)
+
+    def _answer_late_join(self, late: PendingJoin) -> None:
+        conn = late.member
+        if conn.closed:
+            return
+        if late.failed is None:
+            conn.send(late.ok)  # keep the membership: ZeroMQ re-sends the subscription
+            return
+        self.channels.leave(conn, late.channel, self.loop.time())
+        conn.session.forget(late.channel)
+        self.log.warning("hub did not confirm %s within %.1fs", late.channel, self.config.subscribe_timeout)
+        conn.send(late.failed)
+
+    # == connections ==========================================================================
+    def listener_factory(self, request: WSUpgradeRequest) -> WSListener | WSUpgradeResponseWithListener | None:
+        try:
+            return self._route(request)
+        except Exception:
+            # picows would answer 500 with the exception text; say nothing to the client.
+            self.log.exception("upgrade failed")
+            return WSUpgradeResponseWithListener(
+                WSUpgradeResponse.create_error_response(500, b"internal error"), None)
+
+    def _route(self, request: WSUpgradeRequest) -> Any:
+        target = urllib.parse.urlsplit(request.path.decode("latin-1"))
+        if target.path == "/healthz":
+            body = orjson.dumps({"ok": True, "ready": self.ready and not self.stopping, "worker": self.index})
+            status_ok = not self.stopping
+            response = (WSUpgradeResponse.create_ok_response(body, {"Content-Type": "application/json"})
+                        if status_ok else WSUpgradeResponse.create_error_response(503, body))
+            return WSUpgradeResponseWithListener(response, None)
+        if target.path not in ("/ws", "/echo") or (target.path == "/echo" and not self.config.conformance_echo):
+            return None
+        if self.stopping:
+            return _http_error(503, b"server going away")
+        if not self._origin_allowed(request):
+            self.stats.auth_failures["origin"] += 1
+            return _http_error(403, b"origin not allowed")
+        if target.path == "/echo":
+            return EchoConnection(self)
+        token = urllib.parse.parse_qs(target.query).get("token", [None])[0]
+        try:
+            claims = self.verifier.verify(token, time.time())
+        except AuthFailure as failure:
+            self.stats.auth_failures[failure.kind] += 1
+            self.log.info("refused a token: %s (%s)", failure.kind, failure.detail)
+            reason = errors.TOKEN_EXPIRED if failure.kind == "expired" else errors.UNAUTHORIZED
+            return RejectedConnection(self, reason, error_reply(
+                RequestError(ReplyCode.UNAUTHORIZED, failure.client_message)))
+        connection_id = f"{self.index}-{self.boot}-{next(self.ids)}"
+        return ClientConnection(self, Session(claims, connection_id, self.limits, self.loop.time()))
+
+    def _origin_allowed(self, request: WSUpgradeRequest) -> bool:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True  # not a browser: CSWSH needs a browser
+        allowed = self.config.allowed_origins
+        if "*" in allowed or origin in allowed:
+            return True
+        # The server's own origin (a page it served, or the same host:port) is always fine.
+        host = request.headers.get("Host", "")
+        return urllib.parse.urlsplit(origin).netloc == host and host != ""
+
+    def connection_made(self, conn: ClientConnection) -> CloseReason | None:
+        claims: Claims = conn.session.claims
+        if len(self.connections) >= self.config.max_connections:
+            self.log.warning("refusing a connection: worker full (%d)", len(self.connections))
+            return errors.WORKER_FULL
+        if self.per_user[claims.sub] >= self.config.max_connections_per_user:
+            self.log.info("refusing a connection for sub %s: %d already", claims.sub, self.per_user[claims.sub])
+            return errors.USER_CONNECTION_LIMIT
+        self.connections[conn] = None
+        self.per_user[claims.sub] += 1
+        self.stats.connections_opened += 1
+        heapq.heappush(self.expiry, (claims.exp, id(conn), conn))
+        return None
+
+    def connection_lost(self, conn: FramedConnection) -> None:
+        self.pending.pop(conn, None)
+        if not isinstance(conn, ClientConnection) or conn not in self.connections:
+            return
+        del self.connections[conn]
+        sub = conn.session.claims.sub
+        self.per_user[sub] -= 1
+        if self.per_user[sub] <= 0:
+            del self.per_user[sub]
+        now = self.loop.time()
+        for name in conn.session.channels:
+            self.channels.leave(conn, name, now)
+        self.stats.connections_closed[str(conn.close_code)] += 1
+        if self.stopping and not self.connections:
+            self._finish_shutdown()  # everyone is gone before the window ended
+        # The expiry heap entry stays until its time; the closed flag makes it a no-op.
+
+    # == hub ==================================================================================
+    def on_hub_state(self, up: bool) -> None:
+        self.hub_up = up
+        if up:
+            self.log.info("worker %d connected to the hub", self.index)
+            self._check_ready()
+        else:
+            self.log.warning("worker %d lost the hub; clients stay connected, publishes are refused "
+                             "until it is back", self.index)
+            self.channels.hub_lost()
+
+    def on_hub_messages(self, batch: list[list[bytes]]) -> None:
+        """The fan-out hot path: per event, build the frame once; per subscriber, queue it."""
+        by_topic = self.channels.by_topic
+        pending = self.pending
+        get = pending.get
+        deliveries = 0
+        events = 0
+        for frames in batch:
+            channel = by_topic.get(frames[0])
+            if channel is None:
+                continue
+            if len(frames) == 2:  # the hub confirmed a new subscription
+                for join in self.channels.confirm(frames[0]):
+                    if not join.member.closed:
+                        join.member.send(join.ok)
+                continue
+            offset, hub_time, epoch = read_stamp(frames[2])
+            last = channel.last_offset
+            if last and offset != last + 1 and epoch == channel.epoch:
+                self._gap(channel.name, last, offset)
+            channel.last_offset = offset
+            channel.epoch = epoch
+            events += 1
+            payload = client_frame_payload(frames[1], offset, epoch)
+            frame = frame_header(0x1, len(payload)) + payload
+            for conn in channel.members:
+                queued = get(conn)
+                if queued is None:
+                    pending[conn] = [frame]
+                else:
+                    queued.append(frame)
+            deliveries += len(channel.members)
+        if events:
+            self.stats.events_in += events
+            self.stats.deliveries += deliveries
+            self.stats.latency_samples.append(max(0.0, time.time() - hub_time))
+        self.flush()
+
+    def _gap(self, channel: str, last: int, offset: int) -> None:
+        missed = offset - last - 1 if offset > last else 1
+        self.stats.gaps += missed
+        self.gap_log.warning(self.loop.time(), "missed %d event(s) on %s (offset %d after %d): "
+                             "this worker fell behind the hub's high-water mark", missed, channel, offset, last)
+
+    # == the write side ========================================================================
+    def enqueue(self, conn: FramedConnection, frame: bytes) -> None:
+        queued = self.pending.get(conn)
+        if queued is None:
+            self.pending[conn] = [frame]
+            if not self.flush_scheduled:
+                self.flush_scheduled = True
+                self.loop.call_soon(self.flush)
+        else:
+            queued.append(frame)
+
+    def flush(self) -> None:
+        """Write every connection's queued frames in one write each, enforcing the pending cap."""
+        self.flush_scheduled = False
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = {}
+        limit = self.config.max_pending_bytes
+        for conn, frames in pending.items():
+            if conn.closed:
+                continue
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            raw = conn.raw
+            if raw.get_write_buffer_size() + len(data) > limit:
+                self._drop_slow(conn)
+                continue
+            raw.write(data)
+
+    def flush_one(self, conn: FramedConnection) -> None:
+        frames = self.pending.pop(conn, None)
+        if frames and not conn.closed:
+            conn.raw.write(b"".join(frames))
+
+    def _drop_slow(self, conn: FramedConnection) -> None:
+        self.stats.slow_consumer_drops += 1
+        self.log.warning("aborting %s: slow consumer, over %d bytes pending",
+                         conn.describe(), self.config.max_pending_bytes)
+        conn.close(errors.SLOW_CONSUMER)
+
+
+def _http_error(status: int, body: bytes) -> WSUpgradeResponseWithListener:
+    return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(status, body), None)
+
