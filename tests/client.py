@@ -20,8 +20,10 @@ class Closed(Exception):
 
 
 class Client:
-    def __init__(self, url: str, headers: list[str] | None = None, timeout: float = TIMEOUT) -> None:
-        self.ws = websocket.create_connection(url, timeout=timeout, header=headers or [],
+    def __init__(self, url: str, headers: list[str] | None = None, timeout: float = TIMEOUT,
+                 origin: str | None = None) -> None:
+        self.ws = websocket.create_connection(url, timeout=timeout, header=headers or [], origin=origin,
+                                              suppress_origin=origin is None,
                                               skip_utf8_validation=True, enable_multithread=False)
         self.ws.settimeout(timeout)
         self.backlog: list[dict[str, Any]] = []  # messages `request` read past while awaiting a reply

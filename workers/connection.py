@@ -29,6 +29,7 @@ BINARY = WSMsgType.BINARY
 CONTINUATION = WSMsgType.CONTINUATION
 CLOSE = WSMsgType.CLOSE
 PONG = WSMsgType.PONG
+CLOSE_HANDSHAKE_TIMEOUT = 2.0  # seconds we wait for the peer's close frame before dropping TCP
 
 
 def frame_header(opcode: int, length: int) -> bytes:
@@ -85,6 +86,10 @@ class FramedConnection(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if self.closed:
+            # Closing handshake: the peer's close frame ends it; anything else is read and dropped
+            # (closing with unread input would reset the connection before the peer reads our code).
+            if frame.msg_type is CLOSE:
+                transport.disconnect(graceful=True)
             return
         self.last_seen = self.worker.loop.time()
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
@@ -152,7 +157,7 @@ class FramedConnection(WSListener):
                 reason.decode()
             except UnicodeDecodeError:
                 return self.close(errors.INVALID_PAYLOAD)
-        self.close(CloseReason(code, ""))  # echo the peer's code, as RFC 6455 §5.5.1 suggests
+        self.close(CloseReason(code, ""), echo=True)  # echo the peer's code (RFC 6455 §5.5.1)
         return None
 
     # -- outbound -----------------------------------------------------------------------------------
@@ -161,7 +166,7 @@ class FramedConnection(WSListener):
         if not self.closed:
             self.worker.enqueue(self, text_frame(payload))
 
-    def close(self, reason: CloseReason, reply: bytes | None = None) -> None:
+    def close(self, reason: CloseReason, reply: bytes | None = None, echo: bool = False) -> None:
         """Flush what is queued, send `reply`, then the close frame (or abort), and disconnect."""
         if self.closed or self.transport is None:
             return
@@ -172,7 +177,10 @@ class FramedConnection(WSListener):
         self.close_code = reason.code
         if reason.graceful:
             self.transport.send_close(WSCloseCode(reason.code), reason.reason.encode())
-            self.transport.disconnect(graceful=True)
+            if echo:
+                self.transport.disconnect(graceful=True)  # the peer closed first: handshake done
+            else:
+                self.worker.loop.call_later(CLOSE_HANDSHAKE_TIMEOUT, self.transport.disconnect, False)
         else:
             self.transport.disconnect(graceful=False)
 

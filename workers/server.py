@@ -277,9 +277,12 @@ class Worker:
         return ClientConnection(self, Session(claims, connection_id, self.limits, self.loop.time()))
 
     def _origin_allowed(self, request: WSUpgradeRequest) -> bool:
-        origin = request.headers.get("Origin")
-        if origin is None:
+        origins = request.headers.getall("Origin", [])
+        if not origins:
             return True  # not a browser: CSWSH needs a browser
+        if len(origins) > 1:
+            return False  # ambiguous: which one would a check be about?
+        origin = origins[0]
         allowed = self.config.allowed_origins
         if "*" in allowed or origin in allowed:
             return True
