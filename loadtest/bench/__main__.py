@@ -1,0 +1,352 @@
+"""python -m loadtest.bench SCENARIO [options]   (or `all`, which `make bench` runs)
+
+Scenarios (each against tidings and the naive baseline, `--runs` times, medians reported):
+  fanout   S subscribers on C channels, P events from one publisher with a window in flight
+  latency  the same at fixed publish rates (fractions of the measured maximum): p50/p99/max
+  connect  N handshakes as fast as possible, each with its own JWT
+  idle     N idle subscribed connections: server RSS per connection
+  ping     M connections in a closed ping loop: replies/s, RTT
+  hub      events/s through the hub to 2 workers (one subscriber on each), offsets in order
+  all      every scenario at the issue's sizes; writes loadtest/RESULTS.md and loadtest/plots/
+
+Examples:
+  python -m loadtest.bench fanout --subscribers 1000,5000 --via socket,hub
+  python -m loadtest.bench ping --server tidings --connections 100 --duration 5
+  python -m loadtest.bench all --quick      # small sizes, a minute or two: check the suite works
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import report, scenarios
+from .report import Case
+from .scenarios import Run
+from .servers import Server, make_server
+
+HERE = Path(__file__).resolve().parent
+LOADTEST = HERE.parent
+# the issue's targets, checked in the RESULTS.md summary: (scenario, case, metric, op, value, what)
+TARGETS: list[tuple[str, str, str, str, float, str]] = [
+    ("fanout", "subscribers=1000 via=socket", "ratio", ">=", 3.0, "fan-out 1000 subs: >= 3x baseline, 0 loss"),
+    ("fanout", "subscribers=5000 via=socket", "ratio", ">=", 3.0, "fan-out 5000 subs: >= 3x baseline, 0 loss"),
+    ("fanout", "subscribers=1000 via=hub", "ratio", ">=", 3.0, "same, published through hub.Publisher"),
+    ("fanout", "subscribers=5000 via=hub", "ratio", ">=", 3.0, "same, published through hub.Publisher"),
+    ("latency", "subscribers=5000 load=0.5", "lat_p99_ms", "<", 10.0, "p99 < 10 ms at 50% of max, 5000 subs"),
+    ("idle", "connections=10000", "kib_per_connection", "<=", 12.0, "<= 12 KiB per idle subscribed conn"),
+    ("connect", "connections=5000", "handshakes_per_s", ">=", 4000.0, ">= 4000 handshakes/s (HS256)"),
+    ("ping", "connections=100", "replies_per_s", ">=", 180_000.0, ">= 180k replies/s, 100 connections"),
+    ("hub", "events", "events_per_s", ">=", 150_000.0, ">= 150k events/s to 2 workers"),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def csv_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def csv_floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def csv_str(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+# -- running cases -----------------------------------------------------------------------------
+def run_case(
+    scenario: str, case: str, params: dict[str, Any], kinds: list[str], args: argparse.Namespace,
+    fn: Callable[[Server], Run | list[Run]], fresh_per_run: bool = False,
+) -> list[Case]:
+    """Run fn `args.runs` times against each server kind; one Case per (kind, sub-case)."""
+    out: dict[tuple[str, str], Case] = {}
+    for kind in kinds:
+        server: Server | None = None
+        try:
+            for i in range(args.runs):
+                if server is None:
+                    server = make_server(kind, args.workers)
+                    server.start()
+                time.sleep(scenarios.SETTLE)
+                t0 = time.monotonic()
+                result = fn(server)
+                for run in result if isinstance(result, list) else [result]:
+                    sub = case + (f" load={run.notes['load']}" if "load" in run.notes else "")
+                    c = out.setdefault((kind, sub), Case(scenario, sub, kind, {**params, **run.notes}))
+                    c.runs.append(run)
+                    metric, _ = report.HEADLINE[scenario]
+                    log(f"{scenario} {sub} {kind} run {i + 1}/{args.runs}: {metric}="
+                        f"{report.fmt(run.metrics.get(metric, math.nan))} loss={run.metrics.get('loss', '-')} "
+                        f"({time.monotonic() - t0:.1f}s)")
+                if fresh_per_run:
+                    server.stop()
+                    server = None
+        except Exception as exc:
+            log(f"{scenario} {case} {kind} failed: {exc}")
+            traceback.print_exc()
+            c = out.setdefault((kind, case), Case(scenario, case, kind, params))
+            c.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if server is not None:
+                log(f"server log tail:\n{server.logs()[-2000:]}")
+        finally:
+            if server is not None:
+                server.stop()
+    return list(out.values())
+
+
+def fanout_cases(args: argparse.Namespace, kinds: list[str]) -> list[Case]:
+    cases: list[Case] = []
+    for via in args.via:
+        for subs in args.subscribers:
+            events = args.events or max(50, args.deliveries // subs)
+            ks = [k for k in kinds if via == "socket" or k == "tidings"]
+            params = {"subscribers": subs, "via": via, "events": events, "window": args.window}
+            cases += run_case(
+                "fanout", f"subscribers={subs} via={via}", params, ks, args,
+                lambda srv, subs=subs, events=events, via=via: scenarios.fanout(
+                    srv, subscribers=subs, channels=args.channels, events=events, window=args.window,
+                    via=via, clients=args.clients))
+    return cases
+
+
+def latency_cases(args: argparse.Namespace, kinds: list[str], max_rates: dict[str, float] | None = None,
+                  ) -> list[Case]:
+    cases: list[Case] = []
+    rates = dict(max_rates or {})
+    for kind in kinds:
+        if not rates.get(kind):
+            if args.max_rate:
+                rates[kind] = args.max_rate
+                continue
+            log(f"latency: measuring the maximum publish rate of {kind} first")
+            probe = run_case("fanout", "max", {}, [kind], _one_run(args), lambda srv: scenarios.fanout(
+                srv, subscribers=args.lat_subscribers, events=max(50, args.deliveries // args.lat_subscribers),
+                clients=args.clients))
+            rates[kind] = probe[0].median("events_per_s") if probe and not probe[0].error else 0.0
+        cases += run_case(
+            "latency", f"subscribers={args.lat_subscribers}",
+            {"subscribers": args.lat_subscribers, "max_events_per_s": rates[kind]}, [kind], args,
+            lambda srv, kind=kind: scenarios.latency(
+                srv, subscribers=args.lat_subscribers, max_events_per_s=rates[kind], loads=args.loads,
+                duration=args.duration, clients=args.clients))
+    return cases
+
+
+def _one_run(args: argparse.Namespace) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "runs": 1})
+
+
+DEFAULT_CONNECTIONS = {"connect": 5000, "idle": 10_000, "ping": 100}
+
+
+def connections(args: argparse.Namespace, scenario: str) -> int:
+    sizes: dict[str, int] = getattr(args, "sizes", {})
+    return sizes.get(scenario) or args.connections or DEFAULT_CONNECTIONS[scenario]
+
+
+def connect_cases(args: argparse.Namespace, kinds: list[str]) -> list[Case]:
+    n = connections(args, "connect")
+    return run_case("connect", f"connections={n}", {"connections": n}, kinds, args,
+                    lambda srv: scenarios.connect(srv, connections=n, concurrency=args.concurrency,
+                                                  clients=args.clients))
+
+
+def idle_cases(args: argparse.Namespace, kinds: list[str]) -> list[Case]:
+    n = connections(args, "idle")
+    # a fresh server per run: freed memory of a previous run would hide the growth
+    return run_case("idle", f"connections={n}", {"connections": n}, kinds, args,
+                    lambda srv: scenarios.idle(srv, connections=n, clients=args.clients), fresh_per_run=True)
+
+
+def ping_cases(args: argparse.Namespace, kinds: list[str]) -> list[Case]:
+    n = connections(args, "ping")
+    return run_case("ping", f"connections={n}", {"connections": n}, kinds, args,
+                    lambda srv: scenarios.ping(srv, connections=n, duration=args.duration, clients=args.clients))
+
+
+def hub_cases(args: argparse.Namespace, kinds: list[str]) -> list[Case]:
+    cases = run_case("hub", "events", {"events": args.hub_events, "window": args.hub_window}, kinds, args,
+                     lambda srv: scenarios.hub(srv, events=args.hub_events, window=args.hub_window))
+    return cases
+
+
+# -- output ------------------------------------------------------------------------------------
+def save_json(cases: list[Case], out_dir: Path, name: str, command: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_bytes(orjson.dumps({"command": command, "date": report.now(), "machine": report.machine(),
+                                   "cases": [c.to_json() for c in cases]},
+                                  option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    return path
+
+
+def summary(cases: list[Case]) -> str:
+    lines = ["| target | metric | baseline | tidings | ratio | met |", "|---|---|---|---|---|---|"]
+    for scenario, case, metric, op, goal, what in TARGETS:
+        tid = next((c for c in cases if c.scenario == scenario and c.case == case and c.server == "tidings"),
+                   None)
+        base = next((c for c in cases if c.scenario == scenario and c.server == "baseline"
+                     and c.case == case.replace("via=hub", "via=socket")), None)
+        if tid is None:
+            continue
+        head, _ = report.HEADLINE[scenario]
+        shown = head if metric == "ratio" else metric
+        t = tid.median(shown) if not tid.error else math.nan
+        b = base.median(shown) if base and not base.error else math.nan
+        r = t / b if b else math.nan
+        value = r if metric == "ratio" else t
+        met = (value >= goal) if op == ">=" else (value <= goal) if op == "<=" else (value < goal)
+        if scenario == "fanout" and tid.median("loss"):
+            met = False
+        verdict = "error" if tid.error else ("yes" if met else "**no**")
+        lines.append(f"| {what} | {shown} | {report.fmt(b)} | {report.fmt(t)} | {report.fmt(r)} | {verdict} |")
+    return "\n".join(lines)
+
+
+def write_results(cases: list[Case], args: argparse.Namespace, command: str, started: float) -> None:
+    plots = Path(args.plots)
+    fan_png, lat_png = plots / "fanout_deliveries.png", plots / "latency_vs_load.png"
+    report.plot_fanout(cases, fan_png)
+    report.plot_latency(cases, lat_png)
+    md = Path(args.results_md)
+
+    def rel(p: Path) -> Path:  # links in RESULTS.md relative to it, so they work on GitHub too
+        return p.resolve().relative_to(md.resolve().parent) if p.resolve().is_relative_to(
+            md.resolve().parent) else p.resolve()
+    text = f"""# tidings benchmark results
+
+Generated by `{command}` (the whole file and the plots are regenerated by that one command;
+`make bench` runs it). Do not edit by hand.
+
+- **Date:** {report.now()} ({(time.monotonic() - started) / 60:.1f} min for the whole suite)
+- **Machine:** {report.machine()}
+- **Servers:** tidings (`tidings run`, 1 hub + {args.workers} workers) and the naive baseline
+  (`loadtest/bench/baseline.py`: one picows process, `for t in subscribers: t.send(...)`), started
+  fresh by the suite on loopback; the load client (picows + uvloop, {args.clients} processes plus a
+  publisher process) shares the same {os.cpu_count()} cores.
+- **Method:** every number is the **median of {args.runs} runs**; "runs" lists each run's headline
+  figure; ratio = tidings / baseline for the headline metric (for latency and memory lower is better,
+  so a ratio below 1 is the good direction). Server CPU is utime+stime of every process of the server
+  tree (read from /proc before and after the timed phase) divided by deliveries, handshakes or replies.
+- **Fan-out window:** "64 in flight" = at most 64 publishes sent but not yet received by every
+  subscriber (each load-client process publishes its received count to shared memory every 1-5 ms;
+  the publisher reads the minimum). Events are ~{scenarios.EVENT_BYTES} bytes on the wire (see frame_bytes).
+
+## Targets (issue 4)
+
+{summary(cases)}
+
+## All results
+{report.table(cases)}
+
+## Plots
+
+- Deliveries/s vs subscribers, both servers: [{rel(fan_png)}]({rel(fan_png)})
+- Latency percentiles vs load: [{rel(lat_png)}]({rel(lat_png)})
+
+![fan-out]({rel(fan_png)})
+![latency]({rel(lat_png)})
+"""
+    md.write_text(text)
+    log(f"wrote {md}, {fan_png}, {lat_png}")
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=["fanout", "latency", "connect", "idle", "ping", "hub", "all"])
+    p.add_argument("--server", default="both", choices=["both", "tidings", "baseline"])
+    p.add_argument("--runs", type=int, default=3, help="runs per case; the median is reported (3)")
+    p.add_argument("--workers", type=int, default=2, help="tidings workers (2)")
+    p.add_argument("--clients", type=int, default=2, help="load-client processes for subscribers (2)")
+    p.add_argument("--out", default=str(LOADTEST / "results"), help="raw JSON results directory")
+    g = p.add_argument_group("fanout / latency")
+    g.add_argument("--subscribers", type=csv_ints, default=[1000, 5000], help="fanout sizes (1000,5000)")
+    g.add_argument("--channels", type=int, default=1, help="channels the subscribers spread over (1)")
+    g.add_argument("--deliveries", type=int, default=1_000_000,
+                   help="deliveries per fanout run; events = deliveries / subscribers (1000000)")
+    g.add_argument("--events", type=int, default=0, help="events per fanout run (overrides --deliveries)")
+    g.add_argument("--window", type=int, default=64, help="publishes in flight (64)")
+    g.add_argument("--via", type=csv_str, default=["socket"], help="publish path(s): socket,hub (socket)")
+    g.add_argument("--lat-subscribers", type=int, default=5000, help="latency scenario subscribers (5000)")
+    g.add_argument("--loads", type=csv_floats, default=[0.1, 0.5, 0.8], help="fractions of max (0.1,0.5,0.8)")
+    g.add_argument("--max-rate", type=float, default=0.0, help="max events/s for latency (0: measure)")
+    g.add_argument("--duration", type=float, default=3.0, help="seconds per latency load / ping run (3)")
+    g = p.add_argument_group("connect / idle / ping / hub")
+    g.add_argument("--connections", type=int, default=0,
+                   help="connections of the scenario (connect 5000, idle 10000, ping 100)")
+    g.add_argument("--concurrency", type=int, default=128, help="connect: handshakes in progress (128)")
+    g.add_argument("--hub-events", type=int, default=300_000, help="hub: events (300000)")
+    g.add_argument("--hub-window", type=int, default=4096, help="hub: events in flight (4096)")
+    g = p.add_argument_group("all")
+    g.add_argument("--quick", action="store_true", help="small sizes and 1 run: check the suite works")
+    g.add_argument("--sweep", type=csv_ints, default=[100, 1000, 2500, 5000],
+                   help="fanout subscriber counts for the plot (100,1000,2500,5000)")
+    g.add_argument("--results-md", default=str(LOADTEST / "RESULTS.md"))
+    g.add_argument("--plots", default=str(LOADTEST / "plots"))
+    return p
+
+
+def run_all(args: argparse.Namespace, kinds: list[str]) -> list[Case]:
+    if args.quick:
+        args.runs, args.sweep, args.deliveries = 1, [50, 200], 20_000
+        args.lat_subscribers, args.duration = 200, 1.0
+        args.sizes, args.hub_events = {"connect": 300, "idle": 300, "ping": 10}, 5000
+    else:
+        # `all` runs each scenario at its issue size; --connections would set all three at once
+        args.sizes = {k: v for k, v in DEFAULT_CONNECTIONS.items()}
+    cases: list[Case] = []
+    args.subscribers, args.via = args.sweep, ["socket"]
+    cases += fanout_cases(args, kinds)
+    hub_sizes = [s for s in (1000, 5000) if s in args.sweep] or args.sweep[-1:]
+    args.subscribers, args.via = hub_sizes, ["hub"]
+    cases += fanout_cases(args, ["tidings"] if "tidings" in kinds else [])
+    # latency at fractions of the fanout maximum just measured at the same size (socket path)
+    max_rates = {c.server: c.median("events_per_s") for c in cases if c.scenario == "fanout"
+                 and c.params.get("subscribers") == args.lat_subscribers and c.params.get("via") == "socket"}
+    cases += latency_cases(args, kinds, max_rates)
+    cases += connect_cases(args, kinds)
+    cases += idle_cases(args, kinds)
+    cases += ping_cases(args, kinds)
+    cases += hub_cases(args, kinds)
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    command = "python -m loadtest.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    kinds = ["baseline", "tidings"] if args.server == "both" else [args.server]
+    started = time.monotonic()
+    if args.scenario == "all":
+        cases = run_all(args, kinds)
+    else:
+        cases = {
+            "fanout": fanout_cases, "latency": latency_cases, "connect": connect_cases,
+            "idle": idle_cases, "ping": ping_cases, "hub": hub_cases,
+        }[args.scenario](args, kinds)
+    print(report.table(cases))
+    path = save_json(cases, Path(args.out), args.scenario, command)
+    log(f"raw results: {path}")
+    if args.scenario == "all":
+        print("\n" + summary(cases))
+        write_results(cases, args, command, started)
+    return 1 if any(c.error for c in cases) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The scenarios: each one runs once against a started server and returns flat metrics.
+
+A scenario starts its load-client job processes (client.py), waits until every connection is
+set up, samples the server's CPU time from /proc, says "go", collects the results, samples the
+CPU time again, and stops its jobs. Nothing here knows how the server works inside: the server
+is a process tree, a WebSocket URL, a JWT secret and (for tidings) a hub ingress endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import client, procs
+from .client import Job
+from .servers import Server
+
+SETUP_TIMEOUT = 120.0  # s: 10k handshakes + subscribes on a loaded 2-core box
+RESULT_GRACE = 30.0  # s beyond a job's own deadline before the parent gives up on it
+SETTLE = 0.5  # s between runs: let the server finish closing the previous run's sockets
+EVENT_BYTES = 180  # the issue's event size; `pad` brings the baseline's frame to about this
+_ENVELOPE_BYTES = 160  # a bench event's frame without pad, in the baseline's format
+
+
+@dataclass
+class Run:
+    """One scenario run: the metrics (numbers) and notes (anything else worth printing)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[k]
+
+
+def _split(total: int, parts: int) -> list[int]:
+    parts = max(1, min(parts, total)) if total else 1
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+@contextlib.contextmanager
+def _jobs() -> Iterator[list[Job]]:
+    jobs: list[Job] = []
+    try:
+        yield jobs
+    finally:
+        for job in jobs:
+            job.close()
+
+
+def _ready(jobs: list[Job]) -> list[dict[str, Any]]:
+    return [job.recv(SETUP_TIMEOUT)[1] for job in jobs]
+
+
+def _done(jobs: list[Job], timeout: float) -> list[dict[str, Any]]:
+    return [job.recv(timeout + RESULT_GRACE)[1] for job in jobs]
+
+
+# -- fanout (and latency, and hub: the same machinery) ------------------------------------------
+def fanout(
+    server: Server, *, subscribers: int, channels: int = 1, events: int = 1000, window: int = 64,
+    via: str = "socket", clients: int = 2, rate: float = 0.0, probe_every: int = 50,
+    timeout: float = 120.0, distinct_workers: bool = False,
+) -> Run:
+    """S subscribers on C channels, P events from one publisher; deliveries/s, loss, latency."""
+    if via == "hub" and not server.has_hub:
+        raise ValueError("the hub publisher path needs tidings")
+    chans = [f"bench:fan-{i}" for i in range(channels)]
+    events -= events % channels  # whole rounds, so every subscriber expects the same count
+    per_sub = events // channels
+    sizes = _split(subscribers, clients)
+    progress = client._CTX.Array("q", len(sizes), lock=False)
+    url = f"ws://{server.host}:{server.port}/ws?token="
+    base = {"url": url, "secret": server.jwt_secret, "channels": chans, "timeout": timeout,
+            "total": subscribers + 1, "idle_timeout": 5.0}
+    with _jobs() as jobs:
+        offset = 0
+        for i, n in enumerate(sizes):
+            jobs.append(Job({**base, "kind": "subscribers", "index": i, "n": n, "offset": offset,
+                             "expected_per_sub": per_sub, "probe_every": probe_every}, progress))
+            offset += n
+        infos = _ready(jobs)
+        failed = sum(info["failed"] for info in infos)
+        if failed:
+            raise RuntimeError(f"{failed} subscriber connections failed: {infos[0]['errors']}")
+        if distinct_workers:
+            _check_distinct_workers(server, infos)
+        pub = Job({**base, "kind": "publisher", "index": 0, "via": via, "count": events,
+                   "window": window, "rate": rate, "max_in_flight": max(window, 100_000),
+                   "pad": max(0, EVENT_BYTES - _ENVELOPE_BYTES - len(chans[0])),
+                   "ingress": getattr(server, "ingress", None), "offset": offset,
+                   "progress_slots": [(i, n) for i, n in enumerate(sizes) if n]}, progress)
+        jobs.append(pub)
+        _ready([pub])
+        pids = server.pids()
+        cpu0 = procs.cpu_seconds(pids)
+        for job in jobs:
+            job.send("go")
+        p = _done([pub], timeout)[0]
+        subs = _done(jobs[:-1], timeout)
+        cpu1 = procs.cpu_seconds(pids)
+    delivered = sum(s["received"] for s in subs)
+    expected = sum(s["expected"] for s in subs)
+    # events over the publisher's real send count: a stalled publisher is loss too
+    end = max(s["last_change"] for s in subs)
+    elapsed = max(1e-9, end - p["start"])
+    lat = [x for s in subs for x in s["latency_us"]]
+    frame_bytes = [s["frame_bytes"] for s in subs if s["frame_bytes"]]
+    m = {
+        "deliveries_per_s": delivered / elapsed,
+        "events_per_s": p["sent"] / elapsed,
+        "delivered": delivered,
+        "expected": expected,
+        "loss": expected - delivered if expected >= delivered else 0,
+        "extra": max(0, delivered - expected),
+        "order_errors": sum(s["order_errors"] for s in subs),
+        "lat_p50_ms": percentile(lat, 50) / 1e3,
+        "lat_p99_ms": percentile(lat, 99) / 1e3,
+        "lat_max_ms": max(lat, default=math.nan) / 1e3,
+        "cpu_us_per_delivery": (cpu1 - cpu0) / max(1, delivered) * 1e6,
+        "server_cpu_s": cpu1 - cpu0,
+        "elapsed_s": elapsed,
+        "frame_bytes": sum(frame_bytes) / len(frame_bytes) if frame_bytes else math.nan,
+    }
+    if rate:
+        m["rate_events_per_s"] = rate
+    notes = {"subscribers": subscribers, "channels": channels, "events": events, "window": window,
+             "via": via, "clients": len(sizes), "stalled": p["stalled"], "replies": p["replies"],
+             "latency_samples": len(lat)}
+    return Run(m, notes)
+
+
+def _check_distinct_workers(server: Server, infos: list[dict[str, Any]]) -> None:
+    """The hub scenario needs its subscribers on different workers; fail loudly if not."""
+    pids = server.pids()
+    owners = {procs.owner_of_connection(pids, server.port, port) for info in infos for port in info["ports"]}
+    if None in owners or len(owners) < 2:
+        raise _SameWorker()
+
+
+class _SameWorker(Exception):
+    pass
+
+
+def latency(server: Server, *, subscribers: int, max_events_per_s: float, loads: list[float],
+            duration: float = 3.0, clients: int = 2, probe_every: int = 10, via: str = "socket",
+            ) -> list[Run]:
+    """fanout at fixed publish rates (fractions of the measured maximum); p50/p99/max per load."""
+    runs = []
+    for load in loads:
+        rate = max(1.0, load * max_events_per_s)
+        run = fanout(server, subscribers=subscribers, events=max(10, int(rate * duration)), rate=rate,
+                     clients=clients, probe_every=probe_every, via=via, timeout=duration * 4 + 30)
+        run.notes["load"] = load
+        run.metrics["load"] = load
+        runs.append(run)
+    return runs
+
+
+def hub(server: Server, *, events: int = 300_000, window: int = 4096, tries: int = 12) -> Run:
+    """events/s through the hub to 2 workers (one subscriber on each), offsets checked in order.
+
+    Against the baseline (no hub) it is the same fan-out to 2 subscribers over the socket."""
+    if not server.has_hub:
+        return fanout(server, subscribers=2, events=events, window=window, clients=1, probe_every=1)
+    for _ in range(tries):  # SO_REUSEPORT picks the worker by hash: retry until 1 + 1
+        try:
+            return _hub_once(server, events=events, window=window)
+        except _SameWorker:
+            continue
+    raise RuntimeError(f"could not place 2 subscribers on 2 different workers in {tries} tries")
+
+
+def _hub_once(server: Server, *, events: int, window: int) -> Run:
+    # each subscriber in its own job, so a job can report which worker holds its connection
+    return fanout(server, subscribers=2, events=events, window=window, clients=2, probe_every=1,
+                  via="hub", distinct_workers=True)
+
+
+# -- connect -----------------------------------------------------------------------------------
+def connect(server: Server, *, connections: int = 5000, concurrency: int = 128, clients: int = 2) -> Run:
+    url = f"ws://{server.host}:{server.port}/ws?token="
+    sizes = _split(connections, clients)
+    with _jobs() as jobs:
+        offset = 0
+        for i, n in enumerate(sizes):
+            jobs.append(Job({"kind": "connect", "index": i, "n": n, "url": url, "offset": offset,
+                             "total": connections, "secret": server.jwt_secret,
+                             "concurrency": max(1, concurrency // len(sizes))}))
+            offset += n
+        _ready(jobs)
+        pids = server.pids()
+        cpu0 = procs.cpu_seconds(pids)
+        for job in jobs:
+            job.send("go")
+        res = _done(jobs, SETUP_TIMEOUT)
+        cpu1 = procs.cpu_seconds(pids)
+    ok = sum(r["ok"] for r in res)
+    elapsed = max(r["end"] for r in res) - min(r["start"] for r in res)
+    lat = [x for r in res for x in r["latency_us"]]
+    m = {"handshakes_per_s": ok / elapsed, "ok": ok, "failed": sum(r["failed"] for r in res),
+         "hs_p50_ms": percentile(lat, 50) / 1e3, "hs_p99_ms": percentile(lat, 99) / 1e3,
+         "cpu_us_per_handshake": (cpu1 - cpu0) / max(1, ok) * 1e6, "elapsed_s": elapsed}
+    return Run(m, {"connections": connections, "concurrency": concurrency,
+                   "errors": [e for r in res for e in r["errors"]][:5]})
+
+
+# -- idle --------------------------------------------------------------------------------------
+def idle(server: Server, *, connections: int = 10_000, channels: int = 100, clients: int = 2,
+         settle: float = 2.0) -> Run:
+    """N idle subscribed connections; the server tree's RSS growth per connection in KiB."""
+    url = f"ws://{server.host}:{server.port}/ws?token="
+    chans = [f"bench:idle-{i}" for i in range(channels)]
+    time.sleep(settle)
+    pids = server.pids()
+    rss0 = procs.rss_kib(pids)
+    sizes = _split(connections, clients)
+    with _jobs() as jobs:
+        offset = 0
+        for i, n in enumerate(sizes):
+            jobs.append(Job({"kind": "subscribers", "index": i, "n": n, "url": url, "offset": offset,
+                             "total": connections, "secret": server.jwt_secret, "channels": chans,
+                             "expected_per_sub": 0, "probe_every": 10**9, "timeout": 0,
+                             "concurrency": 200}))
+            offset += n
+        infos = _ready(jobs)
+        time.sleep(settle)  # let the server's allocations and the hub's subscriptions settle
+        pids = server.pids()
+        rss1 = procs.rss_kib(pids)
+        per_process = {procs.cmdline(pid)[-60:]: procs.rss_kib([pid]) for pid in pids}
+    ok = sum(info["connected"] for info in infos)
+    m = {"kib_per_connection": (rss1 - rss0) / max(1, ok), "connected": ok,
+         "failed": sum(info["failed"] for info in infos), "rss_before_mib": rss0 / 1024,
+         "rss_after_mib": rss1 / 1024}
+    return Run(m, {"connections": connections, "channels": channels, "rss_by_process_kib": per_process})
+
+
+# -- ping --------------------------------------------------------------------------------------
+def ping(server: Server, *, connections: int = 100, duration: float = 5.0, clients: int = 2) -> Run:
+    url = f"ws://{server.host}:{server.port}/ws?token="
+    sizes = _split(connections, clients)
+    with _jobs() as jobs:
+        offset = 0
+        for i, n in enumerate(sizes):
+            jobs.append(Job({"kind": "ping", "index": i, "n": n, "url": url, "offset": offset,
+                             "total": connections, "secret": server.jwt_secret, "duration": duration}))
+            offset += n
+        _ready(jobs)
+        pids = server.pids()
+        cpu0 = procs.cpu_seconds(pids)
+        for job in jobs:
+            job.send("go")
+        res = _done(jobs, duration)
+        cpu1 = procs.cpu_seconds(pids)
+    replies = sum(r["replies"] for r in res)
+    elapsed = max(r["elapsed"] for r in res)
+    lat = [x for r in res for x in r["latency_us"]]
+    m = {"replies_per_s": replies / elapsed, "replies": replies, "bad": sum(r["bad"] for r in res),
+         "rtt_p50_ms": percentile(lat, 50) / 1e3, "rtt_p99_ms": percentile(lat, 99) / 1e3,
+         "cpu_us_per_reply": (cpu1 - cpu0) / max(1, replies) * 1e6}
+    return Run(m, {"connections": connections, "duration": duration})
