@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import importlib.util
 import os
 import re
@@ -32,6 +33,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -425,6 +427,21 @@ class NotifySocket:
                 )
             time.sleep(0.05)
 
+    def wait_for_new_sender(self, line: str, timeout: float, proc: Proc) -> int:
+        """The PID of the first process to send `line` that had not sent it before."""
+        with self.lock:
+            before = {p for p, m in self.messages if m == line}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                new = [p for p, m in self.messages if m == line and p not in before]
+            if new:
+                return new[0]
+            if proc.popen.poll() is not None:
+                raise AssertionError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {line} from {proc.name} within {timeout}s:\n{proc.log()}")
+
     def close(self) -> None:
         self.closing.set()
         self.reader.join(2)
@@ -434,10 +451,12 @@ class NotifySocket:
 class Proc:
     def __init__(self, name: str, popen: subprocess.Popen[bytes], log_path: Path) -> None:
         self.name, self.popen, self.log_path = name, popen, log_path
+        self.main_pid: int | None = None  # set when a tracer sits between us and the service
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        """The service's main PID, as systemd would know it ($MAINPID)."""
+        return self.main_pid or self.popen.pid
 
     def log(self) -> str:
         try:
@@ -468,7 +487,7 @@ def service_account(tidings_bin: Path) -> tuple[int, int] | None:
     return (uid, gid) if probe.returncode == 0 else None
 
 
-def websocket_close_code(ws: object, timeout: float) -> int:
+def websocket_close_code(ws: Any, timeout: float) -> int:
     """Read until the close frame; its first two bytes are the code."""
     import websocket  # websocket-client, in the test extras
 
@@ -482,123 +501,150 @@ def websocket_close_code(ws: object, timeout: float) -> int:
     raise AssertionError("no close frame")
 
 
-@pytest.fixture
-def service_root() -> Iterator[Path]:
-    # Not tmp_path: its parents are 0700, and the service user must reach its runtime dir.
-    base = Path(tempfile.mkdtemp(prefix="tidings-units-"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+class UnitRunner:
+    """Does what systemd does for these units, minus the sandbox: RuntimeDirectory= owned by User=,
+    Environment= then EnvironmentFile= (an env file made from tidings.env.example with test ports and
+    keys), NOTIFY_SOCKET and WATCHDOG_USEC, cwd /, UMask=, the service user when possible."""
 
+    def __init__(self, root: Path) -> None:
+        assert VENV_TIDINGS.exists(), f"{VENV_TIDINGS} missing: `pip install -e .` (make install) first"
+        self.root = root
+        self.units = {name: load_unit(name) for name in SERVICES}
+        self.account = service_account(VENV_TIDINGS)
+        self.runtime_base = root / "run"  # plays /run (%t)
+        self.runtime_dir = self.runtime_base / "tidings"
+        self.runtime_dir.mkdir(parents=True)
+        self.runtime_dir.chmod(0o750)
+        if self.account:
+            os.chown(self.runtime_dir, *self.account)
+        self.port, self.api_port = free_port(), free_port()
+        self.secret, self.api_key = secrets.token_hex(32), secrets.token_hex(24)
+        env_text = ENV_EXAMPLE.read_text()
+        for key, val in {
+            "TIDINGS_HOST": "127.0.0.1", "TIDINGS_PORT": str(self.port), "TIDINGS_API_HOST": "127.0.0.1",
+            "TIDINGS_API_PORT": str(self.api_port), "TIDINGS_JWT_SECRET": self.secret,
+            "TIDINGS_API_KEY": self.api_key, "TIDINGS_DRAIN_WINDOW": "1",
+        }.items():
+            env_text, n = re.subn(rf"^{key}=.*$", f"{key}={val}", env_text, flags=re.MULTILINE)
+            assert n == 1, f"{key} is not set in tidings.env.example"
+        self.env_file = root / "tidings.env"
+        self.env_file.write_text(env_text)
+        self.env_file.chmod(0o640)
+        self.notify = NotifySocket(root / "notify")
+        self.watchdog_usec = 1_000_000
+        self.procs: list[Proc] = []
 
-@needs_core
-def test_exec_start_lines_run_outside_systemd(service_root: Path) -> None:
-    import jwt
-    import websocket
-
-    assert VENV_TIDINGS.exists(), f"{VENV_TIDINGS} missing: `pip install -e .` (make install) first"
-    account = service_account(VENV_TIDINGS)
-    units = {name: load_unit(name) for name in SERVICES}
-
-    # What systemd prepares before ExecStart=: RuntimeDirectory= owned by User=, the env file.
-    runtime_base = service_root / "run"  # plays /run (%t)
-    runtime_dir = runtime_base / "tidings"
-    runtime_dir.mkdir(parents=True)
-    runtime_dir.chmod(0o750)
-    if account:
-        os.chown(runtime_dir, *account)
-    port, api_port = free_port(), free_port()
-    secret, api_key = secrets.token_hex(32), secrets.token_hex(24)
-    env_text = ENV_EXAMPLE.read_text()
-    for key, val in {
-        "TIDINGS_HOST": "127.0.0.1", "TIDINGS_PORT": str(port), "TIDINGS_API_HOST": "127.0.0.1",
-        "TIDINGS_API_PORT": str(api_port), "TIDINGS_JWT_SECRET": secret, "TIDINGS_API_KEY": api_key,
-        "TIDINGS_DRAIN_WINDOW": "1",
-    }.items():
-        env_text, n = re.subn(rf"^{key}=.*$", f"{key}={val}", env_text, flags=re.MULTILINE)
-        assert n == 1, f"{key} is not set in tidings.env.example"
-    env_file = service_root / "tidings.env"
-    env_file.write_text(env_text)
-    env_file.chmod(0o640)
-    notify = NotifySocket(service_root / "notify")
-    watchdog_usec = 1_000_000
-    procs: list[Proc] = []
-
-    def start(name: str, instance: str = "") -> Proc:
-        unit = units[name]
+    def start(self, name: str, instance: str = "", tracer: list[str] | None = None) -> Proc:
+        unit = self.units[name]
         env = {  # systemd's environment for a system service with User=
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin",
             "LANG": "C.UTF-8",
             "HOME": "/nonexistent", "USER": "tidings", "LOGNAME": "tidings", "SHELL": "/usr/sbin/nologin",
             "INVOCATION_ID": secrets.token_hex(16),
-            "RUNTIME_DIRECTORY": str(runtime_dir),
-            "NOTIFY_SOCKET": str(notify.path),
-            "WATCHDOG_USEC": str(watchdog_usec),
+            "RUNTIME_DIRECTORY": str(self.runtime_dir),
+            "NOTIFY_SOCKET": str(self.notify.path),
+            "WATCHDOG_USEC": str(self.watchdog_usec),
         }
         for line in values(unit, "Service", "Environment"):
-            for assignment in shlex.split(expand(line, instance, runtime_base)):
+            for assignment in shlex.split(expand(line, instance, self.runtime_base)):
                 key, _, val = assignment.partition("=")
                 env[key] = val
-        env.update(read_env_file(env_file.read_text()))  # EnvironmentFile= wins over Environment=
-        argv = shlex.split(expand(value(unit, "Service", "ExecStart") or "", instance, runtime_base))
+        env.update(read_env_file(self.env_file.read_text()))  # EnvironmentFile= wins over Environment=
+        argv = shlex.split(expand(value(unit, "Service", "ExecStart") or "", instance, self.runtime_base))
         assert argv[0] == DEFAULT_BIN
         argv[0] = str(VENV_TIDINGS)
-        # systemd also sets WATCHDOG_PID to the main PID: the shell's PID survives `exec`.
-        wrapped = ["/bin/sh", "-c", 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"', "sh", *argv]
+        if tracer is None:
+            # systemd also sets WATCHDOG_PID to the main PID: the shell's PID survives `exec`.
+            argv = ["/bin/sh", "-c", 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"', "sh", *argv]
+        else:
+            argv = [*tracer, *argv]
         label = name.replace("@", f"@{instance}")
-        log_path = service_root / f"{label}.log"
+        log_path = self.root / f"{label}.log"
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(
-                wrapped, env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                argv, env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 umask=int(value(unit, "Service", "UMask") or "0022", 8), start_new_session=True,
-                **({"user": account[0], "group": account[1], "extra_groups": []} if account else {}),
+                **({"user": self.account[0], "group": self.account[1], "extra_groups": []}
+                   if self.account else {}),
             )
         proc = Proc(label, popen, log_path)
-        procs.append(proc)
+        if tracer is not None:  # the service is the tracer's child: its READY=1 names it
+            proc.main_pid = self.notify.wait_for_new_sender("READY=1", 30, proc)
+        self.procs.append(proc)
         return proc
 
-    def stop(proc: Proc, unit: Unit) -> int:
-        sig = getattr(signal, value(unit, "Service", "KillSignal") or "SIGTERM")
-        proc.popen.send_signal(sig)
+    def stop(self, proc: Proc, name: str) -> int:
+        unit = self.units[name]
+        os.kill(proc.pid, getattr(signal, value(unit, "Service", "KillSignal") or "SIGTERM"))
         try:
             return proc.popen.wait(seconds(value(unit, "Service", "TimeoutStopSec") or "90"))
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{proc.name} still running after TimeoutStopSec:\n{proc.log()}") from None
 
-    def reload(proc: Proc, unit: Unit) -> None:
-        argv = shlex.split(value(unit, "Service", "ExecReload") or "")
-        argv = [str(proc.pid) if a == "$MAINPID" else a for a in argv]
-        subprocess.run(argv, check=True, timeout=10)
+    def reload(self, proc: Proc, name: str) -> None:
+        argv = shlex.split(value(self.units[name], "Service", "ExecReload") or "")
+        subprocess.run([str(proc.pid) if a == "$MAINPID" else a for a in argv], check=True, timeout=10)
 
-    def healthz() -> int:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+    def healthz(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as r:
             return int(r.status)
 
-    ws = None
-    try:
-        hub = start(HUB)
-        notify.wait_for(hub.pid, "READY=1", 30, proc=hub)
-        workers = [start(WORKER, str(i)) for i in range(2)]
-        for w in workers:
-            notify.wait_for(w.pid, "READY=1", 30, proc=w)
-        assert healthz() == 200
+    def token(self, **claims: object) -> str:
+        import jwt
 
-        token = jwt.encode({"sub": "u1", "exp": int(time.time()) + 600, "channels": ["conversation:*"]},
-                           secret, algorithm="HS256")
-        ws = websocket.create_connection(f"ws://127.0.0.1:{port}/ws?token={token}", timeout=10)
+        return jwt.encode({"sub": "u1", "exp": int(time.time()) + 600, **claims}, self.secret, algorithm="HS256")
+
+    def connect(self, token: str) -> Any:
+        import websocket
+
+        return websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?token={token}", timeout=10)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.popen.pid, signal.SIGKILL)
+                p.popen.wait(5)
+        self.notify.close()
+
+
+@pytest.fixture
+def runner() -> Iterator[UnitRunner]:
+    # Not tmp_path: its parents are 0700, and the service user must reach its runtime dir.
+    base = Path(tempfile.mkdtemp(prefix="tidings-units-"))
+    base.chmod(0o755)
+    run = None
+    try:
+        run = UnitRunner(base)
+        yield run
+    finally:
+        if run is not None:
+            run.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@needs_core
+def test_exec_start_lines_run_outside_systemd(runner: UnitRunner) -> None:
+    notify = runner.notify
+    hub = runner.start(HUB)
+    notify.wait_for(hub.pid, "READY=1", 30, proc=hub)
+    workers = [runner.start(WORKER, str(i)) for i in range(2)]
+    for w in workers:
+        notify.wait_for(w.pid, "READY=1", 30, proc=w)
+    assert runner.healthz() == 200
+    ws = runner.connect(runner.token(channels=["conversation:*"]))
+    try:
         assert '"connected"' in ws.recv()
-        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{runner.api_port}/metrics", timeout=5) as r:
             assert r.status == 200
 
-        # WatchdogSec=: WATCHDOG=1 every WATCHDOG_USEC/2 from the main PID (NotifyAccess=main).
+        # WatchdogSec=: WATCHDOG=1 at least every WATCHDOG_USEC/2 from the main PID (NotifyAccess=main).
         for p in (hub, *workers):
-            notify.wait_for(p.pid, "WATCHDOG=1", 3 * watchdog_usec / 1e6, count=2, proc=p)
+            notify.wait_for(p.pid, "WATCHDOG=1", 3 * runner.watchdog_usec / 1e6, count=2, proc=p)
 
         # ExecReload= (key rotation) leaves every process up and the client connected.
         for p, name in ((hub, HUB), *((w, WORKER) for w in workers)):
-            reload(p, units[name])
+            runner.reload(p, name)
         time.sleep(1.0)
         for p in (hub, *workers):
             assert p.popen.poll() is None, f"{p.name} died on ExecReload=:\n{p.log()}"
@@ -608,19 +654,98 @@ def test_exec_start_lines_run_outside_systemd(service_root: Path) -> None:
         # KillSignal=: STOPPING=1, clients closed with 1001, exit 0 within TimeoutStopSec=
         # (workers first: they are ordered After= the hub, so systemd stops them first).
         for w in workers:
-            assert stop(w, units[WORKER]) == 0, w.log()
+            assert runner.stop(w, WORKER) == 0, w.log()
         assert websocket_close_code(ws, 10) == 1001
-        assert stop(hub, units[HUB]) == 0, hub.log()
+        assert runner.stop(hub, HUB) == 0, hub.log()
         time.sleep(0.2)
         for p in (hub, *workers):
-            assert notify.seen(p.pid, "STOPPING=1") == 1, f"{p.name}: {notify.messages}"
+            assert notify.seen(p.pid, "STOPPING=1") == 1, f"{p.name}: {notify.sent_by(p.pid)}"
     finally:
-        if ws is not None:
+        with contextlib.suppress(Exception):
+            ws.close()
+
+
+@functools.cache
+def syscall_group(name: str) -> frozenset[str]:
+    """A systemd syscall group, nested groups expanded (systemd-analyze syscall-filter)."""
+    out = analyze("syscall-filter", name).stdout
+    names: set[str] = set()
+    for line in out.splitlines()[1:]:
+        item = line.strip()
+        if item and not item.startswith("#"):
+            names |= syscall_group(item) if item.startswith("@") else {item}
+    assert names, f"empty syscall group {name}"
+    return frozenset(names)
+
+
+def allowed_syscalls(unit: Unit) -> frozenset[str]:
+    """SystemCallFilter= lines in order: the first sets the list, then each adds or (~) removes."""
+    allowed: set[str] = set()
+    for line in values(unit, "Service", "SystemCallFilter"):
+        deny = line.startswith("~")
+        names: set[str] = set()
+        for item in line.lstrip("~").split():
+            names |= syscall_group(item) if item.startswith("@") else {item}
+        allowed = allowed - names if deny else allowed | names
+    assert values(unit, "Service", "SystemCallFilter")[0][0] != "~", "expected an allow list first"
+    return frozenset(allowed)
+
+
+def traced_syscalls(summary: Path) -> set[str]:
+    """Syscall names from an `strace -c` summary table."""
+    names = set()
+    for line in summary.read_text().splitlines():
+        cols = line.split()
+        if len(cols) >= 5 and re.fullmatch(r"[\d.]+", cols[0]) and cols[-1] != "total":
+            names.add(cols[-1])
+    return names
+
+
+@needs_core
+@needs_analyze
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed: `apt-get install strace`")
+def test_every_syscall_made_is_allowed_by_the_units_filter(runner: UnitRunner) -> None:
+    """SystemCallFilter= cannot be applied without systemd, so trace what the processes really call
+    (start, a client, publishes both ways, /metrics, a refused token, reload, drain) and compare."""
+    summaries = {HUB: runner.root / "hub.strace", WORKER: runner.root / "worker.strace"}
+
+    def tracer(name: str) -> list[str]:
+        return ["strace", "-f", "-qq", "-c", "-o", str(summaries[name])]
+
+    hub = runner.start(HUB, tracer=tracer(HUB))
+    worker = runner.start(WORKER, "0", tracer=tracer(WORKER))
+    ws = runner.connect(runner.token(channels=["conversation:*"], publish=["conversation:*"]))
+    bad = runner.connect("not-a-token")
+    try:
+        assert '"connected"' in ws.recv()
+        assert "unauthorized" in bad.recv()
+        ws.send('{"type":"subscribe","id":"1","data":{"channel":"conversation:c1"}}')
+        assert '"subscribed"' in ws.recv()
+        body = b'{"channel":"conversation:c1","type":"chat_message","data":{"n":1}}'
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{runner.api_port}/api/publish", data=body, method="POST",
+            headers={"Authorization": f"Bearer {runner.api_key}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as r:
+            assert r.status == 200
+        assert '"chat_message"' in ws.recv()
+        ws.send('{"type":"publish","id":"2","data":{"channel":"conversation:c1",'
+                '"type":"chat_message","data":{}}}')
+        replies = ws.recv() + ws.recv()
+        assert '"published"' in replies and '"chat_message"' in replies
+        with urllib.request.urlopen(f"http://127.0.0.1:{runner.api_port}/metrics", timeout=5) as r:
+            assert r.status == 200
+        for p, name in ((hub, HUB), (worker, WORKER)):
+            runner.reload(p, name)
+        time.sleep(1.5)  # a watchdog tick or two
+        assert runner.stop(worker, WORKER) == 0, worker.log()
+        assert runner.stop(hub, HUB) == 0, hub.log()
+    finally:
+        for sock in (ws, bad):
             with contextlib.suppress(Exception):
-                ws.close()
-        for p in procs:
-            if p.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.popen.wait(5)
-        notify.close()
+                sock.close()
+    for name, summary in summaries.items():
+        used = traced_syscalls(summary)
+        assert len(used) > 20, summary.read_text()
+        denied = used - allowed_syscalls(runner.units[name])
+        assert not denied, f"{name} calls {sorted(denied)}, which its SystemCallFilter= refuses"
