@@ -80,6 +80,7 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.ingress, zmq.POLLIN)
         poller.register(self.egress, zmq.POLLIN)
+        # The watchdog ping rides on the poll loop: a hub stuck anywhere stops sending it.
         tick_every = min(TICK_SECONDS, self.notifier.watchdog_interval or TICK_SECONDS)
         next_tick = time.monotonic() + tick_every
         while not self.stopping:

@@ -132,6 +132,34 @@ class TidingsService:
         self.tmp.cleanup()
         return rc
 
+    def children(self) -> dict[str, int]:
+        """Role -> pid of the supervisor's live children: {"hub": 123, "worker 0": 124, ...}."""
+        assert self.proc is not None
+        found: dict[str, int] = {}
+        try:
+            pids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            return found
+        for pid in map(int, pids):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"hub" in argv:
+                found["hub"] = pid
+            elif b"worker" in argv:
+                found[f"worker {argv[argv.index(b'--index') + 1].decode()}"] = pid
+        return found
+
+    def wait_for_log(self, text: str, timeout: float = 10.0, after: int = 0) -> bool:
+        """True once `text` appears in the log past offset `after` (use len(svc.logs()))."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.logs()[after:]:
+                return True
+            time.sleep(0.05)
+        return False
+
     def logs(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

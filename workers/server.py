@@ -108,6 +108,8 @@ class Worker:
         self.log.info("worker %d serving ws://%s:%d/ws (pid %d)%s", self.index, self.config.host,
                       self.config.port, os.getpid(), ", /echo on" if self.config.conformance_echo else "")
         self.loop.call_later(TICK_SECONDS, self.tick)
+        if self.notifier.watchdog_interval:
+            self._watchdog()
         self.exporter = StatsExporter(self.stats)
         self.listening = True
         self._check_ready()
@@ -183,6 +185,13 @@ class Worker:
                 f"hub {'up' if self.hub_up else 'down'}")
 
     # == housekeeping ==========================================================================
+    def _watchdog(self) -> None:
+        """WATCHDOG=1 from the event loop itself: a blocked loop stops it and systemd restarts us."""
+        if self.stopped.is_set() or not self.notifier.watchdog_interval:
+            return
+        self.notifier.watchdog()
+        self.loop.call_later(self.notifier.watchdog_interval, self._watchdog)
+
     def tick(self) -> None:
         if self.stopped.is_set():
             return
@@ -191,7 +200,8 @@ class Worker:
         wall = time.time()
         self._expire_tokens(wall)
         if now >= self.next_idle_sweep:
-            self.next_idle_sweep = now + IDLE_SWEEP_SECONDS
+            c = self.config
+            self.next_idle_sweep = now + min(IDLE_SWEEP_SECONDS, c.idle_timeout / 2, c.pong_timeout / 2)
             self._sweep_idle(now)
         for late in self.channels.sweep(now, self.config.unsubscribe_grace):
             self._answer_late_join(late)
@@ -201,7 +211,6 @@ class Worker:
         s.channels = self.channels.active_channels
         s.hub_topics = self.channels.hub_topics
         self.exporter.flush()
-        self.notifier.watchdog()
         self.notifier.status(self.status_line())
 
     def _expire_tokens(self, wall: float) -> None:
