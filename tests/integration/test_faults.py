@@ -185,3 +185,45 @@ def test_dead_peer_is_dropped_after_ping_timeout() -> None:
             for _ in range(100):
                 silent.recv_frame(2)
         assert lively.request("ping", id_="still")["type"] == "pong"
+
+
+def test_stalled_worker_gaps_are_counted_and_others_lose_nothing() -> None:
+    # A tiny high-water mark so a stalled worker overflows the hub's queue quickly.
+    with TidingsService(workers=2, env={"TIDINGS_HUB_HWM": "50"}) as svc:
+        by_worker = _both_workers(svc, "stall-")
+        for cs in by_worker.values():
+            for c in cs:
+                assert c.subscribe("conversation:stall")["type"] == "subscribed"
+        stalled = svc.children()["worker 1"]
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            from hub import Publisher
+
+            with Publisher(f"ipc://{svc.runtime_dir}/ingress") as pub:
+                for n in range(2000):
+                    pub.publish("conversation:stall", "chat_message", {"n": n, "pad": "x" * 500})
+                    if n % 10 == 9:
+                        time.sleep(0.005)  # a pace the running worker keeps up with
+            for c in by_worker["0"]:
+                assert [c.recv()["data"]["n"] for _ in range(2000)] == list(range(2000))
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        # Dropped events are the newest ones, so the next event is what reveals the jump.
+        time.sleep(0.5)
+        svc.publish_http("conversation:stall", "chat_message", {"n": "after"})
+        # The stalled worker's clients see a jump in offsets; the worker counts and logs it.
+        offsets = []
+        c = by_worker["1"][0]
+        try:
+            while True:
+                offsets.append(c.recv(1.0)["offset"])
+        except (websocket.WebSocketTimeoutException, TimeoutError):
+            pass
+        assert 0 < len(offsets) < 2000
+        assert any(b - a > 1 for a, b in zip(offsets, offsets[1:], strict=False)) or offsets[0] > 1
+        assert svc.wait_for_log("missed")
+        deadline = time.monotonic() + 5
+        while "tidings_offset_gaps_total 0.0" in svc.metrics() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        gaps = [line for line in svc.metrics().splitlines() if line.startswith("tidings_offset_gaps_total ")]
+        assert gaps and float(gaps[0].split()[1]) > 0
