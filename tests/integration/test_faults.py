@@ -188,9 +188,9 @@ def test_dead_peer_is_dropped_after_ping_timeout() -> None:
 
 
 def test_stalled_worker_gaps_are_counted_and_others_lose_nothing() -> None:
-    # A tiny high-water mark so a stalled worker overflows the hub's queue quickly.
-    with TidingsService(workers=2, env={"TIDINGS_HUB_HWM": "50"}) as svc:
-        by_worker = _both_workers(svc, "stall-")
+    # A small high-water mark so a stalled worker overflows the hub's queue quickly.
+    with TidingsService(workers=2, env={"TIDINGS_HUB_HWM": "300"}) as svc:
+        by_worker = _both_workers(svc, "stall-", n=8)
         for cs in by_worker.values():
             for c in cs:
                 assert c.subscribe("conversation:stall")["type"] == "subscribed"
@@ -199,13 +199,22 @@ def test_stalled_worker_gaps_are_counted_and_others_lose_nothing() -> None:
         try:
             from hub import Publisher
 
+            received: dict[int, list[int]] = {}
+
+            def read(i: int, c: Client) -> None:  # the running worker's clients keep reading
+                received[i] = [c.recv(10)["data"]["n"] for _ in range(2000)]
+
+            readers = [threading.Thread(target=read, args=(i, c)) for i, c in enumerate(by_worker["0"])]
+            for t in readers:
+                t.start()
             with Publisher(f"ipc://{svc.runtime_dir}/ingress") as pub:
                 for n in range(2000):
-                    pub.publish("conversation:stall", "chat_message", {"n": n, "pad": "x" * 500})
+                    pub.publish("conversation:stall", "chat_message", {"n": n, "pad": "x" * 2000})
                     if n % 10 == 9:
                         time.sleep(0.005)  # a pace the running worker keeps up with
-            for c in by_worker["0"]:
-                assert [c.recv()["data"]["n"] for _ in range(2000)] == list(range(2000))
+            for t in readers:
+                t.join(30)
+            assert list(received.values()) == [list(range(2000))] * len(by_worker["0"])
         finally:
             os.kill(stalled, signal.SIGCONT)
         # Dropped events are the newest ones, so the next event is what reveals the jump.
