@@ -18,6 +18,7 @@ The hub never parses `body`; the worker splices offset and epoch onto it once pe
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 import time
@@ -44,7 +45,8 @@ class EnvelopeError(ValueError):
 def check_channel(channel: object) -> str:
     if not isinstance(channel, str) or not channel:
         raise EnvelopeError("channel must be a non-empty string")
-    if len(channel.encode()) > MAX_CHANNEL_BYTES or not CHANNEL.fullmatch(channel):
+    # The pattern first: it admits ASCII only, so encode() below cannot fail (lone surrogates).
+    if not CHANNEL.fullmatch(channel) or len(channel) > MAX_CHANNEL_BYTES:
         raise EnvelopeError(
             f"channel must be namespace:name of [A-Za-z0-9_-.@:], at most {MAX_CHANNEL_BYTES} bytes"
         )
@@ -68,7 +70,23 @@ def channel_of(topic: bytes) -> str:
 
 
 def iso_timestamp(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(now * 1000) % 1000:03d}Z"
+    ms = int(now * 1000)  # one truncation for both parts, so .999 never pairs with the next second
+    return datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def _non_finite(value: Any) -> bool:
+    """NaN or ±Infinity anywhere: orjson would write them as null, changing the data silently."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is float:
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
 
 
 def encode_event(channel: str, type_: str, data: Mapping[str, Any], now: float | None = None) -> tuple[bytes, bytes]:
@@ -77,6 +95,8 @@ def encode_event(channel: str, type_: str, data: Mapping[str, Any], now: float |
     check_event_type(type_)
     if not isinstance(data, Mapping):
         raise EnvelopeError("data must be a JSON object")
+    if _non_finite(data):
+        raise EnvelopeError("data holds NaN or Infinity, which JSON cannot carry")
     stamp_time = time.time() if now is None else now
     try:
         body = orjson.dumps({"type": type_, "channel": channel, "data": data,

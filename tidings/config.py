@@ -232,6 +232,8 @@ def format_value(value: Any) -> str:
 
 
 def _read_or_create_secret(path: Path) -> str:
+    """The secret in `path`, created (0600) when missing or empty. Written to a temporary file and
+    linked into place, so a concurrent reader sees either no file or the whole secret."""
     try:
         existing = path.read_text().strip()
         if existing:
@@ -239,12 +241,18 @@ def _read_or_create_secret(path: Path) -> str:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    value = secrets.token_hex(32)
-    # O_EXCL: when two commands race, one writes and the other reads the winner's secret.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
-        fh.write(value + "\n")
-    return value
+        fh.write(secrets.token_hex(32) + "\n")
+    try:
+        try:
+            os.link(tmp, path)  # fails if another process won the race: use its secret
+        except FileExistsError:
+            if path.read_text().strip():
+                return path.read_text().strip()
+            os.replace(tmp, path)  # an empty leftover from a crash: replace it
+            return path.read_text().strip()
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()

@@ -105,7 +105,9 @@ class TokenVerifier:
         self.leeway = leeway
         self.max_ttl = max_ttl
         self.max_bytes = max_bytes
-        self.options: Any = {"require": ["exp", "sub"], "verify_aud": self.audience is not None}
+        # verify_aud stays on without a configured audience: a token minted for another service
+        # (it carries an `aud`) is then refused rather than accepted here.
+        self.options: Any = {"require": ["exp", "sub"], "verify_aud": True}
 
     @classmethod
     def from_config(cls, config: Config, previous_valid_until: float | None = None) -> TokenVerifier:

@@ -16,6 +16,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 DRAIN_BATCH = 1000  # hub messages per loop callback: frames for a batch leave in one write each
+DRAIN_BYTES = 1 << 20  # ... and at most about this many payload bytes, so a batch stays small
 PUSH_HWM = 10_000  # publishes queued towards the hub before `publish` replies internal_error
 RECONNECT_MAX_MS = 1000  # cap on ZeroMQ's reconnect backoff: the hub is back within a second
 
@@ -78,9 +79,14 @@ class HubBus:
         recv = self.sub.recv_multipart
         batch: list[list[bytes]] = []
         append = batch.append
+        size = 0
         try:
             for _ in range(DRAIN_BATCH):
-                append(recv(zmq.NOBLOCK))
+                frames = recv(zmq.NOBLOCK)
+                append(frames)
+                size += len(frames[-1])
+                if size > DRAIN_BYTES:
+                    break
         except zmq.Again:
             pass
         if batch:

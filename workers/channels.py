@@ -72,7 +72,7 @@ class ChannelRegistry:
         del channel.members[member]
         self.subscriptions -= 1
         if channel.pending:
-            channel.pending = [p for p in channel.pending if p.member is not member]
+            channel.pending = [p for p in channel.pending if p.member != member]
         if not channel.members:
             channel.empty_since = now
 

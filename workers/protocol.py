@@ -13,6 +13,7 @@ outputs in order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,7 +152,7 @@ def parse_message(payload: bytes) -> tuple[str, str | None, dict[str, Any]]:
     # A cheap byte count first: only a message with many brackets can be too deep.
     if len(payload) > MAX_DEPTH * 2 and payload.count(b"{") + payload.count(b"[") > MAX_DEPTH \
             and _too_deep(msg, MAX_DEPTH):
-        raise RequestError(ReplyCode.INVALID_REQUEST, f"message is nested deeper than {MAX_DEPTH} levels")
+        raise RequestError(ReplyCode.INVALID_REQUEST, f"message is nested deeper than {MAX_DEPTH} levels", id_)
     type_ = msg.get("type")
     if not isinstance(type_, str):
         raise RequestError(ReplyCode.INVALID_REQUEST, "type must be a string", id_)
@@ -264,7 +265,7 @@ class Session:
         wait = self.publishes.take(now)
         if wait:
             raise RequestError(ReplyCode.RATE_LIMITED, "publish rate limit",
-                               retry_after_ms=max(1, int(wait * 1000)))
+                               retry_after_ms=max(1, math.ceil(wait * 1000)))
         if not hub_up:
             raise RequestError(ReplyCode.INTERNAL_ERROR, "hub unavailable, event not published")
         try:
@@ -281,7 +282,7 @@ class Session:
             self.abuse_count = 0
         self.abuse_count += 1
         error = RequestError(ReplyCode.RATE_LIMITED, "too many requests",
-                             retry_after_ms=max(1, int(wait * 1000)))
+                             retry_after_ms=max(1, math.ceil(wait * 1000)))
         if self.abuse_count > self.limits.rate_abuse_limit:
             self.last_result = "closed"
             return [Close(Disconnect(RATE_ABUSE, error))]

@@ -175,9 +175,6 @@ def test_leave_drops_that_members_pending_join(registry: ChannelRegistry) -> Non
     assert [p.member for p in registry.confirm(TOPIC_A)] == [m2]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: leave() removes the member by equality but filters pending joins "
-                                       "by identity (`is not`), so an equal-but-distinct member key leaves a "
-                                       "stale pending join that confirm() later answers")
 def test_leave_drops_the_pending_join_of_an_equal_member_key(registry: ChannelRegistry) -> None:
     def key() -> tuple[str, int]:
         return ("conn", int("1000001"))  # built at run time: equal each call, never the same object

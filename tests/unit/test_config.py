@@ -209,9 +209,6 @@ def test_with_dev_keys_makes_no_secret_for_public_key_setups(tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir()] == [DEV_API_KEY_FILE]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _read_or_create_secret returns '' when the secret file exists but "
-                                       "is empty (a crash between O_EXCL create and write, or a reader racing "
-                                       "the writer): `tidings token` then signs with an empty HMAC key")
 def test_with_dev_keys_never_returns_an_empty_secret(tmp_path: Path) -> None:
     (tmp_path / DEV_SECRET_FILE).write_text("")
     assert len(load(RUNTIME_DIR=str(tmp_path)).with_dev_keys().jwt_secret.encode()) >= MIN_SECRET_BYTES

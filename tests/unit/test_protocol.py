@@ -132,8 +132,6 @@ def test_depth_limit_is_exactly_max_depth() -> None:
     assert "nested deeper than 32" in data["message"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_message raises the depth error without request_id, so a "
-                                       "valid, already-checked id is not echoed (type/data errors echo it)")
 def test_depth_error_echoes_the_id() -> None:
     assert_error_code(make_client().send(nested(MAX_DEPTH + 1, "d")), INVALID, "d")
 
@@ -392,8 +390,6 @@ def test_every_command_counts_towards_the_rate_even_garbage() -> None:
     assert_error_code(client.send(b"garbage"), ReplyCode.RATE_LIMITED)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: retry_after_ms is int(wait*1000), rounded down: a client that "
-                                       "waits exactly retry_after_ms is refused again (should round up)")
 def test_waiting_retry_after_ms_is_enough() -> None:
     client = make_client(limits=SessionLimits(rate_limit=100.0, rate_burst=1))
     client.ping()
