@@ -23,7 +23,11 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 SRC="$REPO/systemd"
 DESTDIR=${DESTDIR:-}
 PREFIX=${PREFIX:-/opt/tidings}
-PYTHON=${PYTHON:-python3}
+# The system's interpreter: one under /root or /home (pyenv, ...) is out of the service user's
+# reach and hidden by ProtectHome=yes.
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x /usr/bin/python3 ]; then PYTHON=/usr/bin/python3; else PYTHON=python3; fi
+fi
 DEFAULT_VENV="/opt/tidings/venv"   # the path written in the unit files
 VENV=""
 WORKERS=""
@@ -97,6 +101,16 @@ else
 fi
 
 # -- 2. the virtualenv ---------------------------------------------------------------------
+check_reachable() {  # $1: a path the services must read, $2: what it is
+    case "$1/" in
+        /home/*|/root/*|/run/user/*)
+            die "$2 $1 is out of reach for the services (ProtectHome=yes, user $SERVICE_USER): use the system python3 (PYTHON=/usr/bin/python3) and a venv outside /home and /root" ;;
+    esac
+}
+interpreter() {  # the file behind a python command or a venv's bin/python (symlinks followed)
+    p=$(command -v "$1" 2>/dev/null) || return 0
+    readlink -f "$p"
+}
 case "$VENV" in
     '') ;;
     /*) ;;
@@ -105,12 +119,16 @@ esac
 if [ -n "$VENV" ]; then
     VENV=${VENV%/}
     [ -x "$VENV/bin/tidings" ] || die "$VENV/bin/tidings not found: install tidings into that venv first"
+    check_reachable "$(interpreter "$VENV/bin/python")" "the venv's interpreter"
 else
     [ -z "$DESTDIR" ] || die "DESTDIR needs --venv (a venv that exists at run time)"
     VENV="$PREFIX/venv"
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
         || die "$PYTHON 3.11 or newer is needed (Debian 12: apt-get install python3)"
-    if [ ! -x "$VENV/bin/python" ]; then
+    check_reachable "$(interpreter "$PYTHON")" "the interpreter"
+    if [ -x "$VENV/bin/python" ]; then
+        check_reachable "$(interpreter "$VENV/bin/python")" "the interpreter of existing $VENV"
+    else
         "$PYTHON" -c 'import ensurepip' 2>/dev/null \
             || die "$PYTHON cannot make a venv (Debian: apt-get install python3-venv)"
         mkdir -p "$PREFIX"
@@ -118,15 +136,19 @@ else
         say "created $VENV"
     fi
     say "installing tidings from $REPO into $VENV"
+    # Build from a clean copy: setuptools would leave build/ and *.egg-info in the checkout.
+    src=$(mktemp -d)
+    trap 'rm -rf "$src"' EXIT
+    tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./.cache --exclude=./build \
+        --exclude='*.egg-info' --exclude='__pycache__' -cf - . | tar -C "$src" -xf -
     "$VENV/bin/pip" install --quiet --upgrade pip
     # --upgrade: a second run installs the checkout's current code.
-    "$VENV/bin/pip" install --quiet --upgrade "$REPO"
+    "$VENV/bin/pip" install --quiet --upgrade "$src"
+    rm -rf "$src"
+    trap - EXIT
     [ -x "$VENV/bin/tidings" ] || die "pip did not install $VENV/bin/tidings"
 fi
-case "$VENV/" in
-    /home/*|/root/*|/run/user/*)
-        die "$VENV is hidden from the services by ProtectHome=yes; use the default /opt/tidings/venv" ;;
-esac
+check_reachable "$VENV" "the venv"
 say "services will run $VENV/bin/tidings"
 
 # -- 3. the units ----------------------------------------------------------------------------

@@ -506,7 +506,7 @@ class UnitRunner:
     Environment= then EnvironmentFile= (an env file made from tidings.env.example with test ports and
     keys), NOTIFY_SOCKET and WATCHDOG_USEC, cwd /, UMask=, the service user when possible."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, settings: dict[str, str] | None = None) -> None:
         assert VENV_TIDINGS.exists(), f"{VENV_TIDINGS} missing: `pip install -e .` (make install) first"
         self.root = root
         self.units = {name: load_unit(name) for name in SERVICES}
@@ -523,10 +523,10 @@ class UnitRunner:
         for key, val in {
             "TIDINGS_HOST": "127.0.0.1", "TIDINGS_PORT": str(self.port), "TIDINGS_API_HOST": "127.0.0.1",
             "TIDINGS_API_PORT": str(self.api_port), "TIDINGS_JWT_SECRET": self.secret,
-            "TIDINGS_API_KEY": self.api_key, "TIDINGS_DRAIN_WINDOW": "1",
-        }.items():
-            env_text, n = re.subn(rf"^{key}=.*$", f"{key}={val}", env_text, flags=re.MULTILINE)
-            assert n == 1, f"{key} is not set in tidings.env.example"
+            "TIDINGS_API_KEY": self.api_key, "TIDINGS_DRAIN_WINDOW": "1", **(settings or {}),
+        }.items():  # the example's lines, filled in (or uncommented) as an operator would
+            env_text, n = re.subn(rf"^#?{key}=.*$", f"{key}={val}", env_text, count=1, flags=re.MULTILINE)
+            assert n == 1, f"{key} is not in tidings.env.example"
         self.env_file = root / "tidings.env"
         self.env_file.write_text(env_text)
         self.env_file.chmod(0o640)
@@ -609,18 +609,29 @@ class UnitRunner:
 
 
 @pytest.fixture
-def runner() -> Iterator[UnitRunner]:
+def service_root() -> Iterator[Path]:
     # Not tmp_path: its parents are 0700, and the service user must reach its runtime dir.
     base = Path(tempfile.mkdtemp(prefix="tidings-units-"))
     base.chmod(0o755)
-    run = None
     try:
-        run = UnitRunner(base)
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def unit_runner(root: Path, settings: dict[str, str] | None = None) -> Iterator[UnitRunner]:
+    run = UnitRunner(root, settings)
+    try:
         yield run
     finally:
-        if run is not None:
-            run.close()
-        shutil.rmtree(base, ignore_errors=True)
+        run.close()
+
+
+@pytest.fixture
+def runner(service_root: Path) -> Iterator[UnitRunner]:
+    with unit_runner(service_root) as run:
+        yield run
 
 
 @needs_core
@@ -663,6 +674,57 @@ def test_exec_start_lines_run_outside_systemd(runner: UnitRunner) -> None:
     finally:
         with contextlib.suppress(Exception):
             ws.close()
+
+
+@needs_core
+def test_reload_rotates_a_public_key_without_dropping_clients(service_root: Path) -> None:
+    """`systemctl reload` with an ES256 key file replaced in place: the new key works at once, the
+    old one for TIDINGS_JWT_ROTATION_OVERLAP, and connected clients stay."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    def keypair() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return key, pem
+
+    (old_key, old_pem), (new_key, new_pem) = keypair(), keypair()
+    public = service_root / "jwt.pub"  # plays /etc/tidings/jwt.pub (0640 root:tidings)
+    public.write_bytes(old_pem)
+    public.chmod(0o644)
+
+    def token(key: ec.EllipticCurvePrivateKey) -> str:
+        return jwt.encode({"sub": "u1", "exp": int(time.time()) + 600}, key, algorithm="ES256")
+
+    settings = {"TIDINGS_JWT_SECRET": "", "TIDINGS_JWT_ALGORITHM": "ES256", "TIDINGS_JWT_PUBLIC_KEY": str(public)}
+    with unit_runner(service_root, settings) as runner:
+        hub = runner.start(HUB)
+        runner.notify.wait_for(hub.pid, "READY=1", 30, proc=hub)
+        worker = runner.start(WORKER, "0")
+        runner.notify.wait_for(worker.pid, "READY=1", 30, proc=worker)
+
+        def first_reply(tok: str) -> str:
+            ws = runner.connect(tok)
+            try:
+                return str(ws.recv())
+            finally:
+                ws.close()
+
+        client = runner.connect(token(old_key))
+        try:
+            assert '"connected"' in client.recv()
+            assert "unauthorized" in first_reply(token(new_key))
+            public.write_bytes(new_pem)
+            runner.reload(worker, WORKER)
+            runner.notify.wait_for(worker.pid, "READY=1", 10, count=2, proc=worker)  # reload done
+            assert '"connected"' in first_reply(token(new_key))
+            assert '"connected"' in first_reply(token(old_key)), "the old key must last the overlap"
+            client.send('{"type":"ping","id":"p","data":{}}')
+            assert '"pong"' in client.recv()
+        finally:
+            client.close()
 
 
 @functools.cache
