@@ -10,6 +10,7 @@ bytes per connection and writes each connection's queue once per loop pass (see 
 
 from __future__ import annotations
 
+import codecs
 import logging
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,10 @@ def text_frame(payload: bytes) -> bytes:
     return frame_header(0x1, len(payload)) + payload
 
 
+def _utf8_decoder() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")("strict")
+
+
 def valid_close_code(code: int) -> bool:
     """RFC 6455 §7.4: codes a peer may send (1004-1006 and 1015 are never on the wire)."""
     return code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999
@@ -63,6 +68,7 @@ class FramedConnection(WSListener):
         "ping_sent_at",
         "raw",
         "transport",
+        "utf8",
         "worker",
     )
 
@@ -73,6 +79,7 @@ class FramedConnection(WSListener):
         self.raw = None  # the uvloop transport under picows: frames are written to it directly
         self.fragments: bytearray | None = None  # a message being reassembled
         self.fragment_type = TEXT
+        self.utf8: codecs.IncrementalDecoder | None = None  # only while a text message is in pieces
         self.last_seen = 0.0
         self.ping_sent_at: float | None = None
         self.closed = False
@@ -85,7 +92,10 @@ class FramedConnection(WSListener):
         self.last_seen = self.worker.loop.time()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if self.closed:
+        if self.closed or transport.is_close_frame_sent:
+            # picows itself sent a close (an oversized frame: 1009) yet still hands us that
+            # frame: never act on anything after a close.
+            self.closed = True
             # Closing handshake: the peer's close frame ends it; anything else is read and dropped
             # (closing with unread input would reset the connection before the peer reads our code).
             if frame.msg_type is CLOSE:
@@ -102,15 +112,23 @@ class FramedConnection(WSListener):
                 return self._message(msg_type, frame.get_payload_as_bytes())
             self.fragments = bytearray(frame.get_payload_as_memoryview())
             self.fragment_type = msg_type
+            if msg_type is TEXT:
+                # Check UTF-8 as the fragments arrive, so a bad message fails at its first bad frame.
+                self.utf8 = _utf8_decoder()
+                if not self._utf8_ok(self.fragments, final=False):
+                    return self.close(errors.INVALID_PAYLOAD)
             return None
         if msg_type is CONTINUATION:
             if self.fragments is None:
                 return self.close(errors.PROTOCOL_ERROR)
             if len(self.fragments) + frame.payload_size > self.worker.config.max_message_bytes:
                 return self.close(errors.MESSAGE_TOO_BIG)
-            self.fragments += frame.get_payload_as_memoryview()
+            chunk = frame.get_payload_as_bytes()
+            self.fragments += chunk
+            if self.utf8 is not None and not self._utf8_ok(chunk, final=frame.fin):
+                return self.close(errors.INVALID_PAYLOAD)
             if frame.fin:
-                payload, self.fragments = bytes(self.fragments), None
+                payload, self.fragments, self.utf8 = bytes(self.fragments), None, None
                 return self._message(self.fragment_type, payload)
             return None
         if msg_type is CLOSE:
@@ -124,6 +142,14 @@ class FramedConnection(WSListener):
         self.worker.connection_lost(self)
 
     # -- inbound ------------------------------------------------------------------------------------
+    def _utf8_ok(self, chunk: bytes | bytearray, final: bool) -> bool:
+        assert self.utf8 is not None
+        try:
+            self.utf8.decode(chunk, final)
+            return True
+        except UnicodeDecodeError:
+            return False
+
     def _message(self, msg_type: WSMsgType, payload: bytes) -> None:
         if msg_type is TEXT:
             try:
@@ -150,7 +176,7 @@ class FramedConnection(WSListener):
             return self.close(errors.PROTOCOL_ERROR)
         else:
             code = int(frame.get_close_code())
-            reason = frame.get_close_message()
+            reason = frame.get_close_message() or b""  # None when the frame carries a code only
             if not valid_close_code(code):
                 return self.close(errors.PROTOCOL_ERROR)
             try:
