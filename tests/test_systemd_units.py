@@ -769,7 +769,11 @@ def traced_syscalls(summary: Path) -> set[str]:
 def test_every_syscall_made_is_allowed_by_the_units_filter(runner: UnitRunner) -> None:
     """SystemCallFilter= cannot be applied without systemd, so trace what the processes really call
     (start, a client, publishes both ways, /metrics, a refused token, reload, drain) and compare."""
-    summaries = {HUB: runner.root / "hub.strace", WORKER: runner.root / "worker.strace"}
+    traces = runner.root / "traces"  # strace runs as the service user: it must write here
+    traces.mkdir()
+    if runner.account:
+        os.chown(traces, *runner.account)
+    summaries = {HUB: traces / "hub.strace", WORKER: traces / "worker.strace"}
 
     def tracer(name: str) -> list[str]:
         return ["strace", "-f", "-qq", "-c", "-o", str(summaries[name])]
