@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import itertools
 import random
+import socket
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import gevent
 import jwt
@@ -61,6 +63,7 @@ _user_numbers = itertools.count()
 _request_ids = itertools.count()
 PICKER = ChannelPicker(100, 1.0)
 _subscriber_numbers = itertools.count()
+SOURCE_IPS: itertools.cycle[str] | None = None  # --source-ips, round robin
 SUBSCRIBERS_STARTED = 0  # Subscribers this process has started: the range notifications aim at
 
 
@@ -75,12 +78,17 @@ def _options(parser: Any) -> None:
 
 @events.init.add_listener
 def _init(environment: Any, **_: Any) -> None:
-    global PICKER
+    global PICKER, SOURCE_IPS
     opts = environment.parsed_options
     if opts is None:  # library use without a command line: keep the defaults
         return
     install(environment)
     PICKER = ChannelPicker(opts.channels, opts.channel_skew)
+    ips = [ip.strip() for ip in opts.source_ips.split(",") if ip.strip()]
+    if ips:
+        if not opts.ws_url.startswith("ws://"):
+            raise SystemExit("--source-ips works with ws:// only (websocket-client skips TLS on a given socket)")
+        SOURCE_IPS = itertools.cycle(ips)
     BackendPublisher.host = opts.api_url
     mix = parse_mix(opts.mix)
     for cls in (Subscriber, ChatPublisher, BackendPublisher, Churn):
@@ -138,7 +146,7 @@ class SocketUser(User):
         url = f"{self.opts.ws_url}?token={self.token()}"
         t0 = time.perf_counter()
         try:
-            ws = websocket.create_connection(url, timeout=self.opts.reply_timeout)
+            ws = websocket.create_connection(url, timeout=self.opts.reply_timeout, socket=self._socket())
         except websocket.WebSocketBadStatusException as e:
             fire(self.environment, "connect", _ms(t0), exc=WSFailure(f"http {e.status_code}"))
             return False
@@ -172,6 +180,18 @@ class SocketUser(User):
         TALLY.counts["connects"] += 1
         self.reader = gevent.spawn(self._read, ws)
         return True
+
+    def _socket(self) -> socket.socket | None:
+        """A TCP socket bound to the next --source-ips address, or None to let websocket-client dial.
+
+        One (source IP, server IP:port) pair has ~28k ephemeral ports; past that, connects fail
+        with EADDRNOTAVAIL. Loopback has 127.0.0.0/8, and a NIC can carry several addresses.
+        """
+        if SOURCE_IPS is None:
+            return None
+        parts = urlsplit(self.opts.ws_url)
+        return socket.create_connection((parts.hostname, parts.port or 80), timeout=self.opts.reply_timeout,
+                                        source_address=(next(SOURCE_IPS), 0))
 
     def disconnect(self) -> None:
         """Close with 1000 (normal); replies still in flight are dropped, not failed."""

@@ -28,6 +28,9 @@ def add_options(parser: Any) -> None:
     add("--jwt-secret", env_var="TIDINGS_JWT_SECRET", default="",
         help="HS256 secret the users mint their tokens with (the server's TIDINGS_JWT_SECRET)")
     add("--api-key", env_var="TIDINGS_API_KEY", default="", help="bearer key of the HTTP API")
+    add("--source-ips", env_var="LOADTEST_SOURCE_IPS", default="",
+        help="comma-separated local addresses to connect from, round robin (ws:// only): each gives"
+             " another ~28k ephemeral ports toward one server address")
     # Traffic model.
     add("--channels", env_var="LOADTEST_CHANNELS", type=int, default=200,
         help="number of group channels (group:0 .. group:N-1)")

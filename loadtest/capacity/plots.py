@@ -1,6 +1,7 @@
 """Plots a capacity planner reads instead of tables, generated from the CSV/JSON results.
 
     python -m loadtest.capacity.plots --step loadtest/results/capacity-step \\
+        --memory loadtest/results/capacity-idle \\
         --sweep loadtest/results/sweep-fanout.json --sweep loadtest/results/sweep-rate.json \\
         --out loadtest/plots/capacity
 
@@ -39,7 +40,7 @@ def _save(fig: Any, out: Path, name: str) -> Path:
     return path
 
 
-def step_plots(prefix: str, out: Path) -> list[Path]:
+def step_plots(prefix: str, out: Path, memory_prefix: str | None = None) -> list[Path]:
     tally = read_tally(prefix)
     shape = tally.get("shape", {})
     rows = [w for w in shape.get("windows", []) if w["label"].startswith("step")]
@@ -76,11 +77,16 @@ def step_plots(prefix: str, out: Path) -> list[Path]:
     ax.legend(fontsize=8)
     paths.append(_save(fig, out, "users-vs-events.png"))
 
-    server = [r for r in read_server(prefix) if r.get("rss_bytes") and "connections" in r]
+    server = [r for r in read_server(memory_prefix or prefix) if r.get("rss_bytes") and "connections" in r]
     if server:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        cx = [r["connections"] for r in server]
-        ax.plot(cx, [r["rss_bytes"] / 2**20 for r in server], ".", alpha=0.6, label="1 s samples")
+        top = max(range(len(server)), key=lambda i: server[i]["connections"])
+        ramp, after = server[: top + 1], server[top + 1:]
+        cx = [r["connections"] for r in ramp]
+        ax.plot(cx, [r["rss_bytes"] / 2**20 for r in ramp], ".", alpha=0.6, label="1 s samples, ramp up")
+        if after:
+            ax.plot([r["connections"] for r in after], [r["rss_bytes"] / 2**20 for r in after], "x",
+                    color="grey", alpha=0.5, label="after the peak (freed memory stays in the heap)")
         fit = memory_per_connection(server)
         if fit:
             lo, hi = min(cx), max(cx)
@@ -123,10 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m loadtest.capacity.plots", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--step", help="result prefix of a step run")
+    p.add_argument("--memory", help="result prefix for the memory plot (default: the step run; an idle"
+                   " Subscriber-only step run isolates the cost of a connection)")
     p.add_argument("--sweep", action="append", default=[], help="sweep JSON (repeatable)")
     p.add_argument("--out", type=Path, default=Path("loadtest/plots/capacity"))
     a = p.parse_args(argv)
-    made = step_plots(a.step, a.out) if a.step else []
+    made = step_plots(a.step, a.out, a.memory) if a.step else []
     made += [sweep_plot(s, a.out) for s in a.sweep]
     for m in made:
         print(m)

@@ -127,7 +127,8 @@ def scrape(api_url: str) -> dict[str, float]:
 class Sampler(threading.Thread):
     """Once per second: RSS and CPU of the server's process tree, and its /metrics counters."""
 
-    FIELDS = ("time", "rss_bytes", "cpu_seconds", "processes", *SERIES.values())
+    # loadavg: the box's 1-minute load, because a shared machine's other work skews latency.
+    FIELDS = ("time", "rss_bytes", "cpu_seconds", "processes", "loadavg", *SERIES.values())
 
     def __init__(self, csv_path: Path, api_url: str, pid: int | None, interval: float = 1.0) -> None:
         super().__init__(name="tidings-sampler", daemon=True)
@@ -158,7 +159,8 @@ class Sampler(threading.Thread):
             while not self._stop_event.is_set():
                 rss, cpu, n = self._tree()
                 row: dict[str, float] = {"time": round(time.time(), 3), "rss_bytes": rss,
-                                         "cpu_seconds": round(cpu, 3), "processes": n}
+                                         "cpu_seconds": round(cpu, 3), "processes": n,
+                                         "loadavg": os.getloadavg()[0]}
                 row.update(scrape(self.api_url))
                 self.rows.append(row)
                 w.writerow(row)

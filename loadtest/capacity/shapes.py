@@ -73,6 +73,7 @@ class Window:
             "label": self.label, "t_start": round(self.t0, 3), "t_end": round(time.time(), 3),
             "target_users": self.target_users, "users": self.runner.user_count,
             "connected": _connected(self.runner), "generator_cpu": self._cpu_percent(dt),
+            "classes": _classes(self.runner),
         }
         reqs = now["total"][0] - self.base["total"][0]
         fails = now["total"][1] - self.base["total"][1]
@@ -97,6 +98,15 @@ def _connected(runner: Any) -> int:
     if isinstance(runner, MasterRunner):
         return sum(w.get("connected", 0) for w in TALLY._workers.values())
     return TALLY.connected
+
+
+def _classes(runner: Any) -> dict[str, int]:
+    """Running users per class: the workers' reports on a master, the greenlets elsewhere."""
+    from locust.runners import MasterRunner
+
+    if isinstance(runner, MasterRunner):
+        return dict(runner.reported_user_classes_count)
+    return dict(runner.user_classes_count)
 
 
 def _generator_cpu_seconds(runner: Any) -> dict[str, float]:
@@ -197,8 +207,6 @@ class _Step(_Profile):
             reason = f"p99 event {p99:.0f} ms > {self.opts.p99_limit:.0f} ms at {row['target_users']} users"
         elif fail > self.opts.fail_limit:
             reason = f"failure ratio {fail:.4f} > {self.opts.fail_limit} at {row['target_users']} users"
-        elif row["event"]["count"] == 0 and row["target_users"] >= 50:
-            reason = f"no events delivered at {row['target_users']} users"
         if reason:
             TALLY.shape.update(knee=last_good, knee_reason=reason, knee_window=held[-1] if held else None)
             log.warning("knee: %s users held; next step failed: %s", last_good, reason)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -45,8 +46,16 @@ def read_server(prefix: str | Path) -> list[dict[str, float]]:
 
 
 def memory_per_connection(server: list[dict[str, float]]) -> tuple[float, float] | None:
-    """(baseline RSS bytes, bytes per connection) by least squares over the samples, or None."""
-    pts = [(r["connections"], r["rss_bytes"]) for r in server if r.get("connections") and r.get("rss_bytes")]
+    """(baseline RSS bytes, bytes per connection) by least squares over the samples, or None.
+
+    Only the samples up to the peak of connections count: after it, clients leave but the
+    freed memory stays in the processes' heaps, which says nothing about the cost of one.
+    """
+    rows = [r for r in server if "connections" in r and r.get("rss_bytes")]
+    if not rows:
+        return None
+    top = max(range(len(rows)), key=lambda i: rows[i]["connections"])
+    pts = [(r["connections"], r["rss_bytes"]) for r in rows[: top + 1]]
     if len(pts) < 3 or max(p[0] for p in pts) - min(p[0] for p in pts) < 50:
         return None
     n = len(pts)
@@ -139,13 +148,19 @@ def summarize(prefix: str | Path, target: str = "") -> str:
                 f" (~{c['count'] / max(c['max'] / 1000, 0.001):.0f} connects/s while the storm lasted)")
 
     if server:
-        peak = max(server, key=lambda r: r.get("rss_bytes", 0))
+        # RSS at the most connections, not the RSS peak: freed memory is not returned to the
+        # OS at once, so the highest RSS often comes after the clients have gone.
+        peak = max(server, key=lambda r: (r.get("connections", 0), r.get("rss_bytes", 0)))
         if peak.get("rss_bytes"):
-            add(f"server: peak RSS {peak['rss_bytes'] / 2**20:.0f} MiB over {int(peak.get('processes', 0))}"
-                f" processes at {int(peak.get('connections', 0))} connections")
+            add(f"server: {peak['rss_bytes'] / 2**20:.0f} MiB RSS over {int(peak.get('processes', 0))}"
+                f" processes at the peak of {int(peak.get('connections', 0))} connections")
         fit = memory_per_connection(server)
         if fit:
             add(f"server memory: {fit[0] / 2**20:.0f} MiB baseline + {fit[1] / 1024:.1f} KiB per connection")
+        loads = [r["loadavg"] for r in server if "loadavg" in r]
+        if loads:
+            add(f"box load average (1 min) during the run: {sum(loads) / len(loads):.1f} mean,"
+                f" {max(loads):.1f} max, on {os.cpu_count()} CPUs")
         busy = [r for r in server if r.get("cpu_seconds")]
         if len(busy) > 2 and busy[-1].get("deliveries"):
             cpu = busy[-1]["cpu_seconds"] - busy[0]["cpu_seconds"]
