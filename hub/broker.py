@@ -9,6 +9,7 @@ topic, so an event reaches only the workers that subscribed to its channel.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import signal
 import time
@@ -20,7 +21,7 @@ import zmq
 from hub.envelope import MAX_CHANNEL_BYTES, check_ingress, make_stamp
 from tidings.config import Config
 from tidings.logs import RateLimitedLog
-from tidings.metrics import Stats, StatsExporter
+from tidings.metrics import Stats, StatsExporter, mark_process_dead
 from tidings.sdnotify import Notifier
 
 DRAIN_BATCH = 2000  # events per pass: large enough to amortise poll(), small enough to stay responsive
@@ -97,6 +98,7 @@ class Broker:
                 exporter.flush()
         self.notifier.stopping("hub stopping")
         exporter.flush()
+        mark_process_dead(os.getpid())
         self.log.info("hub stopped: %d events forwarded in this epoch", self.stats.hub_events_in)
         self.ingress.close(0)
         self.egress.close(0)

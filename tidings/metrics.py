@@ -44,10 +44,16 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 def prepare_metrics_dir(path: Path, *, wipe: bool) -> None:
-    """Point prometheus_client at the shared directory; must run before it is imported."""
+    """Point prometheus_client at the shared directory; must run before it is imported.
+    Live gauges of processes that died without cleaning up (SIGKILL, watchdog) are removed, so
+    `tidings_connections` never counts a dead worker's clients."""
     if wipe and path.exists():
         shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
+    for f in path.glob("gauge_live*_*.db"):
+        pid = f.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            f.unlink(missing_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 

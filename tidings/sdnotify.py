@@ -20,7 +20,8 @@ class Notifier:
             self.address = "\0" + self.address[1:]  # abstract namespace
         self.sock: socket.socket | None = None
         if self.address:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a receiver that stops reading must never stall the event loop.
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         usec = env.get("WATCHDOG_USEC")
         pid = env.get("WATCHDOG_PID")
         watched = usec is not None and (pid is None or pid == str(os.getpid()))

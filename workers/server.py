@@ -36,7 +36,7 @@ from picows import (
 from hub.envelope import client_frame_payload, read_stamp
 from tidings.config import Config
 from tidings.logs import RateLimitedLog
-from tidings.metrics import Stats, StatsExporter
+from tidings.metrics import Stats, StatsExporter, mark_process_dead
 from tidings.sdnotify import Notifier
 from workers import errors
 from workers.api import PublishAPI
@@ -98,6 +98,7 @@ class Worker:
             read_buffer_init_size=READ_BUFFER_BYTES,
             enable_auto_pong=True,
             disconnect_on_exception=True,
+            use_aiofastnet=self.config.fast_transport,
         )
         if self.config.api_port:
             self.api = PublishAPI(self)
@@ -160,6 +161,7 @@ class Worker:
             await self.api.stop()
         await asyncio.sleep(0.05)  # let disconnect callbacks run
         self.exporter.flush()
+        mark_process_dead(os.getpid())  # this process's live gauges leave /metrics with it
         self.bus.close()
         self.log.info("worker %d stopped (%d connections aborted at the end of the drain)", self.index, aborted)
         self.stopped.set()
@@ -168,7 +170,8 @@ class Worker:
         """SIGHUP: re-read keys and origins; the old key stays valid for the rotation overlap."""
         self.notifier.reloading()
         try:
-            fresh = Config.load()
+            fresh = Config.load({"env_file": self.config.env_file or None})
+            fresh.check_keys(need_api_key=False)
             new = TokenVerifier.from_config(fresh)
         except Exception as exc:
             self.log.error("reload failed, keeping the current keys: %s", exc)

@@ -128,3 +128,27 @@ def test_two_instances_side_by_side() -> None:
         # A token of one instance is refused by the other (different secrets).
         code, _ = Client(b.ws_url(a.token("x"))).expect_close()
         assert code == 4001
+
+
+def test_reload_rotates_the_hs256_secret_from_the_env_file(tmp_path: Path) -> None:
+    env_file = tmp_path / "tidings.env"
+    old, new = "o" * 40, "n" * 40
+    env_file.write_text(f"# keys\nTIDINGS_JWT_SECRET={old}\n")
+    with TidingsService(workers=2, env={"TIDINGS_ENV_FILE": str(env_file)}) as svc:
+        kept, _ = connect(svc.ws_url(_token(old, "kept")))
+        env_file.write_text(f'TIDINGS_JWT_SECRET="{new}"\n')
+        mark = len(svc.logs())
+        assert svc.proc is not None
+        svc.proc.send_signal(signal.SIGHUP)  # `tidings run` passes it to every worker
+        deadline = time.monotonic() + 10
+        while svc.logs()[mark:].count("reloaded keys") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert svc.logs()[mark:].count("reloaded keys") == 2
+        for _ in range(6):  # whichever worker a connection lands on
+            c, hello = connect(svc.ws_url(_token(new, "fresh")))
+            c.close()
+            c, _ = connect(svc.ws_url(_token(old, "old-still-ok")))  # within the overlap
+            c.close()
+        code, _ = Client(svc.ws_url(_token("x" * 40, "stranger"))).expect_close()
+        assert code == 4001
+        assert kept.request("ping")["type"] == "pong"  # nobody was dropped
