@@ -145,7 +145,7 @@ def test_reload_rotates_the_hs256_secret_from_the_env_file(tmp_path: Path) -> No
             time.sleep(0.05)
         assert svc.logs()[mark:].count("reloaded keys") == 2
         for _ in range(6):  # whichever worker a connection lands on
-            c, hello = connect(svc.ws_url(_token(new, "fresh")))
+            c, _ = connect(svc.ws_url(_token(new, "fresh")))
             c.close()
             c, _ = connect(svc.ws_url(_token(old, "old-still-ok")))  # within the overlap
             c.close()
