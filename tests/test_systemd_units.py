@@ -530,6 +530,8 @@ class UnitRunner:
         self.env_file = root / "tidings.env"
         self.env_file.write_text(env_text)
         self.env_file.chmod(0o640)
+        if self.account:  # root:tidings in production, so the service user can re-read it on reload
+            os.chown(self.env_file, 0, self.account[1])
         self.notify = NotifySocket(root / "notify")
         self.watchdog_usec = 1_000_000
         self.procs: list[Proc] = []
@@ -550,6 +552,8 @@ class UnitRunner:
                 key, _, val = assignment.partition("=")
                 env[key] = val
         env.update(read_env_file(self.env_file.read_text()))  # EnvironmentFile= wins over Environment=
+        if env.get("TIDINGS_ENV_FILE") == "/etc/tidings/tidings.env":
+            env["TIDINGS_ENV_FILE"] = str(self.env_file)  # the same file, at its test path
         argv = shlex.split(expand(value(unit, "Service", "ExecStart") or "", instance, self.runtime_base))
         assert argv[0] == DEFAULT_BIN
         argv[0] = str(VENV_TIDINGS)
