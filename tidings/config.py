@@ -92,8 +92,8 @@ class Config:
     # -- operations ------------------------------------------------------------------------
     env_file: str = _setting("", "KEY=VALUE file read at start and on every reload, winning over the "
                                  "environment (systemd fixes Environment= at start; keys rotate here)")
-    fast_transport: bool = _setting(True, "picows' aiofastnet transport: less CPU per delivery, ~5 KiB more "
-                                          "per connection than uvloop's")
+    fast_transport: bool = _setting(False, "picows' aiofastnet transport instead of uvloop's: ~5 KiB more per "
+                                           "connection, and it spins and logs on EMFILE (measured), so off")
     log_format: str = _setting("text", "text for a terminal, json for journald")
     log_level: str = _setting("info", "debug, info, warning or error")
     conformance_echo: bool = _setting(False, "serve /echo for the Autobahn test suite (a test aid)")

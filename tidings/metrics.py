@@ -39,7 +39,10 @@ GAUGES: dict[str, tuple[str, str]] = {
     "hub_topics": ("tidings_worker_hub_topics", "channels workers hold subscribed at the hub"),
     "hub_channels": ("tidings_hub_channels", "channels at least one worker subscribes to (hub view)"),
     "hub_ingress_queue": ("tidings_hub_ingress_queued", "messages read in the hub's last drain pass"),
+    "process_resident_bytes": ("tidings_process_resident_bytes", "resident memory, summed over processes"),
+    "process_cpu_seconds": ("tidings_process_cpu_seconds", "CPU time used, summed over live processes"),
 }
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -80,6 +83,8 @@ class Stats:
         self.hub_topics = 0
         self.hub_channels = 0
         self.hub_ingress_queue = 0
+        self.process_resident_bytes = 0
+        self.process_cpu_seconds = 0.0
         self.latency_samples: list[float] = []
 
 
@@ -105,6 +110,14 @@ class StatsExporter:
 
     def flush(self) -> None:
         s = self.stats
+        # Memory and CPU in /metrics, so a remote load generator can size the box too.
+        try:
+            with open("/proc/self/statm") as fh:
+                s.process_resident_bytes = int(fh.read().split()[1]) * PAGE_SIZE
+        except OSError:
+            pass
+        times = os.times()
+        s.process_cpu_seconds = times.user + times.system
         for attr, metric in self._counters.items():
             value = getattr(s, attr)
             sent = self._sent[attr]

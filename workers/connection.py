@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import codecs
 import logging
+import socket
+import struct
 from typing import TYPE_CHECKING
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
@@ -30,6 +32,7 @@ BINARY = WSMsgType.BINARY
 CONTINUATION = WSMsgType.CONTINUATION
 CLOSE = WSMsgType.CLOSE
 PONG = WSMsgType.PONG
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST and frees the buffers
 CLOSE_HANDSHAKE_TIMEOUT = 2.0  # seconds we wait for the peer's close frame before dropping TCP
 
 
@@ -201,14 +204,22 @@ class FramedConnection(WSListener):
         self.worker.flush_one(self)
         self.closed = True
         self.close_code = reason.code
-        if reason.graceful:
-            self.transport.send_close(WSCloseCode(reason.code), reason.reason.encode())
-            if echo:
-                self.transport.disconnect(graceful=True)  # the peer closed first: handshake done
-            else:
-                self.worker.loop.call_later(CLOSE_HANDSHAKE_TIMEOUT, self.transport.disconnect, False)
-        else:
+        if not reason.graceful:
+            # Abort with a TCP reset: a plain close would leave the kernel holding the unsent
+            # bytes of a reader that never reads (measured: ~1.5 GiB for 500 stalled readers).
+            sock = self.raw.get_extra_info("socket") if self.raw is not None else None
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                except OSError:
+                    pass
             self.transport.disconnect(graceful=False)
+            return
+        self.transport.send_close(WSCloseCode(reason.code), reason.reason.encode())
+        if echo:
+            self.transport.disconnect(graceful=True)  # the peer closed first: handshake done
+        else:
+            self.worker.loop.call_later(CLOSE_HANDSHAKE_TIMEOUT, self.transport.disconnect, False)
 
     def send_ping(self, now: float) -> None:
         if self.transport is not None and not self.closed:

@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import random
+import resource
 import secrets
 import signal
 import time
@@ -50,8 +51,8 @@ from workers.protocol import Session, SessionLimits, error_reply
 TICK_SECONDS = 1.0  # housekeeping period: expiry precision and metrics freshness
 IDLE_SWEEP_SECONDS = 5.0  # how often every connection's idle time is looked at
 READ_BUFFER_BYTES = 1024  # picows allocates this per connection up front; it grows for big frames
-ACCEPT_BACKOFF_MIN = 0.01  # after EMFILE: first pause before accepting again (doubling) ...
-ACCEPT_BACKOFF_MAX = 1.0  # ... up to this
+FD_WARN_FRACTION = 0.9  # warn when connections reach this share of RLIMIT_NOFILE
+FD_WARN_EVERY = 10.0  # seconds between those warnings: the condition lasts, the log must not flood
 
 
 class Worker:
@@ -82,6 +83,10 @@ class Worker:
         self.server: asyncio.Server | None = None
         self.api: PublishAPI | None = None
         self.gap_log = RateLimitedLog(log)
+        # uvloop (libuv) rides out EMFILE on accept without spinning or logging; we say it once in a while.
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_warn_at = int(self.fd_limit * FD_WARN_FRACTION)
+        self.fd_log = RateLimitedLog(log, FD_WARN_EVERY)
         self.next_idle_sweep = 0.0
         self.listening = False  # set once the WebSocket and API ports both accept
         self.finishing = False
@@ -208,6 +213,10 @@ class Worker:
             self._sweep_idle(now)
         for late in self.channels.sweep(now, self.config.unsubscribe_grace):
             self._answer_late_join(late)
+        if len(self.connections) > self.fd_warn_at:
+            self.fd_log.warning(now, "worker %d holds %d connections, near its file descriptor limit (%d): "
+                                "new connects are refused by the kernel until some leave; raise LimitNOFILE",
+                                self.index, len(self.connections), self.fd_limit)
         s = self.stats
         s.connections = len(self.connections)
         s.subscriptions = self.channels.subscriptions
