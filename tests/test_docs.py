@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.service import REPO
-from tidings.config import config_fields, env_name
+from tidings.config import config_fields, env_name, markdown_rows
 from workers.errors import ALL_CLOSE_REASONS, ReplyCode
 
 README = (REPO / "README.md").read_text()
@@ -12,6 +12,8 @@ README = (REPO / "README.md").read_text()
 def test_every_setting_is_in_the_readme() -> None:
     missing = [env_name(f.name) for f in config_fields() if f"`{env_name(f.name)}`" not in README]
     assert not missing
+    stale = [row for row in markdown_rows() if row not in README]
+    assert not stale, "README configuration table is out of date: regenerate it from markdown_rows()"
 
 
 def test_every_close_code_and_reply_code_is_in_the_readme() -> None:

@@ -202,6 +202,18 @@ class Config:
 _FIELDS = {f.name: f for f in fields(Config)}
 
 
+def markdown_rows() -> list[str]:
+    """The README's configuration table, one row per setting (tests keep the README in step)."""
+    defaults = Config.load(environ={})
+    shown = {"workers": "CPU count", "runtime_dir": "$XDG_RUNTIME_DIR/tidings-UID, else /tmp/tidings-UID"}
+    rows = []
+    for f in fields(Config):
+        value = shown.get(f.name) or format_value(getattr(defaults, f.name)) or "(empty)"
+        flag = "(env only: secret)" if f.metadata["secret"] else f"`--{f.name.replace('_', '-')}`"
+        rows.append(f"| `{env_name(f.name)}` | {flag} | {value} | {f.metadata['doc']} |")
+    return rows
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """systemd EnvironmentFile= syntax, the subset that matters: KEY=VALUE, # comments, quotes."""
     try:
