@@ -260,6 +260,10 @@ class ClientConnection(FramedConnection):
     def carry_out(self, outputs: list[Output]) -> None:
         worker = self.worker
         result = self.session.last_result
+        if len(outputs) == 1 and type(outputs[0]) is Send:  # most commands: one reply, nothing else
+            self.send(outputs[0].payload)
+            worker.stats.commands[(self.session.last_type, result)] += 1
+            return
         for out in outputs:
             if type(out) is Send:
                 self.send(out.payload)

@@ -30,12 +30,12 @@ ABUSE_WINDOW = 10.0  # seconds over which rate-limit refusals are counted toward
 
 
 # -- outputs ------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~4x on this per-message path
 class Send:
     payload: bytes  # one JSON text frame
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~4x on this per-message path
 class Join:
     """Add this connection to `channel`; send `ok` once the hub confirms the channel.
     If the hub does not confirm in time: send `failed` and undo the join, or, when `failed` is
@@ -46,12 +46,12 @@ class Join:
     failed: bytes | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~4x on this per-message path
 class Leave:
     channel: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~4x on this per-message path
 class Forward:
     """Hand an encoded event to the hub; reply `ok` if it took it, else `failed`."""
 
@@ -61,7 +61,7 @@ class Forward:
     failed: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~4x on this per-message path
 class Close:
     error: Disconnect
 
@@ -81,6 +81,11 @@ def error_reply(error: RequestError, id_: str | None = None) -> bytes:
 
 
 PONG_NO_ID = reply("pong", None, {})
+
+
+def pong(id_: str | None) -> bytes:
+    """The commonest reply, spliced rather than encoded: about half the cost of orjson.dumps(dict)."""
+    return PONG_NO_ID if id_ is None else b'{"type":"pong","id":%s,"data":{}}' % orjson.dumps(id_)
 
 
 # -- rate limiting ---------------------------------------------------------------------------------
@@ -213,7 +218,7 @@ class Session:
         self.last_result = "ok"
         try:
             if type_ == "ping":
-                return [Send(PONG_NO_ID if id_ is None else reply("pong", id_, {}))]
+                return [Send(pong(id_))]
             if type_ == "subscribe":
                 return self._subscribe(_channel(data), id_, hub_up)
             if type_ == "unsubscribe":
