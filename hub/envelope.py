@@ -8,8 +8,10 @@ Ingress (publisher -> hub, PUSH/PULL), two frames:
                 {"type":..,"channel":..,"data":..,"timestamp":..}. Encoded once, by the publisher.
 
 Egress (hub -> workers, XPUB/SUB):
-    [topic, body, stamp]   an event; stamp = STAMP(offset, hub_time) + epoch (ASCII)
-    [topic, b""]           the hub saw a new subscription to topic (sent on the XPUB after the
+    [topic + stamp, body]  an event; stamp = STAMP(offset, hub_time) + epoch (ASCII). The stamp
+                           rides in the topic frame, after the terminator, so ZeroMQ's prefix
+                           filter still matches and the body frame goes on untouched.
+    [topic]                the hub saw a new subscription to topic (sent on the XPUB after the
                            subscription is in place, so events published later are not missed)
 
 The hub never parses `body`; the worker splices offset and epoch onto it once per event
@@ -106,25 +108,28 @@ def encode_event(channel: str, type_: str, data: Mapping[str, Any], now: float |
     return topic_for(channel), body
 
 
-def check_ingress(frames: list[bytes], max_body: int) -> str | None:
-    """Why an ingress message must be dropped, or None. Cheap: no JSON parsing."""
-    if len(frames) != 2:
+def check_ingress(topic: bytes, body: bytes | memoryview | None, max_body: int) -> str | None:
+    """Why an ingress message must be dropped, or None. Cheap: no JSON parsing.
+    `body` is None when the message did not have exactly two frames."""
+    if body is None:
         return "frame count"
-    topic, body = frames
-    if len(topic) < 2 or topic[-1] != 0:
+    if len(topic) < 2 or topic[-1] != 0 or topic.find(TOPIC_END) != len(topic) - 1:
         return "topic"
     if len(body) > max_body or len(body) < 2 or body[0] != 0x7B or body[-1] != 0x7D:  # {...}
         return "body"
     return None
 
 
-def make_stamp(offset: int, hub_time: float, epoch: bytes) -> bytes:
-    return STAMP.pack(offset, hub_time) + epoch
+def stamp_topic(topic: bytes, offset: int, hub_time: float, epoch: bytes) -> bytes:
+    """The egress head frame: topic (with its terminator) + STAMP + epoch."""
+    return topic + STAMP.pack(offset, hub_time) + epoch
 
 
-def read_stamp(stamp: bytes) -> tuple[int, float, bytes]:
-    offset, hub_time = STAMP.unpack_from(stamp)
-    return offset, hub_time, stamp[STAMP.size:]
+def split_head(head: bytes) -> tuple[bytes, int, float, bytes]:
+    """(topic, offset, hub_time, epoch) from an egress head frame."""
+    end = head.index(TOPIC_END) + 1
+    offset, hub_time = STAMP.unpack_from(head, end)
+    return head[:end], offset, hub_time, head[end + STAMP.size:]
 
 
 def client_frame_payload(body: bytes, offset: int, epoch: bytes) -> bytes:

@@ -15,17 +15,15 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+NOBLOCK = int(zmq.NOBLOCK)
 DRAIN_BATCH = 1000  # hub messages per loop callback: frames for a batch leave in one write each
 DRAIN_BYTES = 1 << 20  # ... and at most about this many payload bytes, so a batch stays small
 PUSH_HWM = 10_000  # publishes queued towards the hub before `publish` replies internal_error
 RECONNECT_MAX_MS = 1000  # cap on ZeroMQ's reconnect backoff: the hub is back within a second
 
-EventHandler = Callable[[list[bytes]], None]
-
-
 class HubBus:
     def __init__(self, ingress: str, egress: str, hwm: int, log: logging.Logger,
-                 on_messages: Callable[[list[list[bytes]]], None],
+                 on_messages: Callable[[list[tuple[bytes, bytes | None]]], None],
                  on_hub_state: Callable[[bool], None]) -> None:
         self.ingress = ingress
         self.egress = egress
@@ -76,17 +74,22 @@ class HubBus:
 
     def _drain(self) -> None:
         self._drain_scheduled = False
-        recv = self.sub.recv_multipart
-        batch: list[list[bytes]] = []
+        recv = self.sub.recv
+        batch: list[tuple[bytes, bytes | None]] = []
         append = batch.append
         size = 0
         try:
             for _ in range(DRAIN_BATCH):
-                frames = recv(zmq.NOBLOCK)
-                append(frames)
-                size += len(frames[-1])
-                if size > DRAIN_BYTES:
-                    break
+                # As zmq.Frame: `.more` is a C call, where getsockopt(RCVMORE) builds an enum.
+                head = recv(NOBLOCK, copy=False)
+                if head.more:
+                    body = recv()
+                    append((head.bytes, body))
+                    size += len(body)
+                    if size > DRAIN_BYTES:
+                        break
+                else:
+                    append((head.bytes, None))  # a subscription confirmation
         except zmq.Again:
             pass
         if batch:

@@ -34,7 +34,7 @@ from picows import (
     ws_create_server,
 )
 
-from hub.envelope import client_frame_payload, read_stamp
+from hub.envelope import client_frame_payload, split_head
 from tidings.config import Config
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
@@ -353,7 +353,7 @@ class Worker:
                              "until it is back", self.index)
             self.channels.hub_lost()
 
-    def on_hub_messages(self, batch: list[list[bytes]]) -> None:
+    def on_hub_messages(self, batch: list[tuple[bytes, bytes | None]]) -> None:
         """The fan-out hot path. Per event: splice offset/epoch and build the frame, once. Per
         channel and batch: join its frames into one bytes object. Per subscriber: queue that same
         object, so a subscriber costs one append and one write per batch, not per event."""
@@ -361,23 +361,23 @@ class Worker:
         chunks: dict[Channel, list[bytes]] = {}
         events = 0
         hub_time = 0.0
-        for frames in batch:
-            channel = by_topic.get(frames[0])
-            if channel is None:
-                continue
-            if len(frames) == 2:  # the hub confirmed a new subscription
-                for join in self.channels.confirm(frames[0]):
+        for head, body in batch:
+            if body is None:  # the hub confirmed a new subscription
+                for join in self.channels.confirm(head):
                     if not join.member.closed:
                         join.member.send(join.ok)
                 continue
-            offset, hub_time, epoch = read_stamp(frames[2])
+            topic, offset, hub_time, epoch = split_head(head)
+            channel = by_topic.get(topic)
+            if channel is None:
+                continue
             last = channel.last_offset
             if last and offset != last + 1 and epoch == channel.epoch:
                 self._gap(channel.name, last, offset)
             channel.last_offset = offset
             channel.epoch = epoch
             events += 1
-            payload = client_frame_payload(frames[1], offset, epoch)
+            payload = client_frame_payload(body, offset, epoch)
             frame = frame_header(0x1, len(payload)) + payload
             queued = chunks.get(channel)
             if queued is None:

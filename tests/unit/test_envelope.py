@@ -22,8 +22,8 @@ from hub.envelope import (
     client_frame_payload,
     encode_event,
     iso_timestamp,
-    make_stamp,
-    read_stamp,
+    split_head,
+    stamp_topic,
     topic_for,
 )
 
@@ -190,46 +190,48 @@ def test_iso_timestamp_never_runs_a_second_ahead() -> None:
 
 # -- ingress checks ------------------------------------------------------------------------------------
 def test_check_ingress_accepts_an_encoded_event() -> None:
-    assert check_ingress(list(encode_event("a:b", "x", {"k": 1}, now=NOW)), max_body=65536) is None
+    topic, body = encode_event("a:b", "x", {"k": 1}, now=NOW)
+    assert check_ingress(topic, body, max_body=65536) is None
+    assert check_ingress(topic, memoryview(body), max_body=65536) is None  # as the hub reads it
 
 
-@pytest.mark.parametrize(("frames", "why"), [
-    ([], "frame count"),
-    ([b"a:b\0"], "frame count"),
-    ([b"a:b\0", b"{}", b"{}"], "frame count"),
-    ([b"a:b", b"{}"], "topic"),
-    ([b"\0", b"{}"], "topic"),
-    ([b"", b"{}"], "topic"),
-    ([b"a:b\0", b""], "body"),
-    ([b"a:b\0", b"{"], "body"),
-    ([b"a:b\0", b"[]"], "body"),
-    ([b"a:b\0", b"{} "], "body"),
-    ([b"a:b\0", b"x{}"], "body"),
-    ([b"a:b\0", b"{" + b"x" * 99 + b"}"], "body"),  # 101 bytes, over max_body=100
+@pytest.mark.parametrize(("topic", "body", "why"), [
+    (b"a:b\0", None, "frame count"),  # one frame, or more than two
+    (b"a:b", b"{}", "topic"),
+    (b"\0", b"{}", "topic"),
+    (b"", b"{}", "topic"),
+    (b"a\0b\0", b"{}", "topic"),  # a terminator inside would break the prefix filter
+    (b"a:b\0", b"", "body"),
+    (b"a:b\0", b"{", "body"),
+    (b"a:b\0", b"[]", "body"),
+    (b"a:b\0", b"{} ", "body"),
+    (b"a:b\0", b"x{}", "body"),
+    (b"a:b\0", b"{" + b"x" * 99 + b"}", "body"),  # 101 bytes, over max_body=100
 ])
-def test_check_ingress_names_what_is_wrong(frames: list[bytes], why: str) -> None:
-    assert check_ingress(frames, max_body=100) == why
+def test_check_ingress_names_what_is_wrong(topic: bytes, body: bytes | None, why: str) -> None:
+    assert check_ingress(topic, body, max_body=100) == why
 
 
 def test_check_ingress_body_limit_is_inclusive() -> None:
     body = b"{" + b"x" * 98 + b"}"
     assert len(body) == 100
-    assert check_ingress([b"a:b\0", body], max_body=100) is None
-    assert check_ingress([b"a:b\0", body], max_body=99) == "body"
+    assert check_ingress(b"a:b\0", body, max_body=100) is None
+    assert check_ingress(b"a:b\0", body, max_body=99) == "body"
 
 
 # -- stamps and the client frame -------------------------------------------------------------------------
 @pytest.mark.parametrize("offset", [1, 17, 2**64 - 1])
 def test_stamp_round_trip(offset: int) -> None:
     epoch = b"3f2a9c0d1e5b"
-    stamp = make_stamp(offset, NOW, epoch)
-    assert len(stamp) == STAMP.size + len(epoch)
-    assert read_stamp(stamp) == (offset, NOW, epoch)
+    head = stamp_topic(b"conversation:conv-1\0", offset, NOW, epoch)
+    assert len(head) == len(b"conversation:conv-1\0") + STAMP.size + len(epoch)
+    assert head.startswith(b"conversation:conv-1\0")  # so a SUB to the topic still matches
+    assert split_head(head) == (b"conversation:conv-1\0", offset, NOW, epoch)
 
 
 def test_stamp_refuses_negative_offsets() -> None:
     with pytest.raises(struct.error):
-        make_stamp(-1, NOW, b"e")
+        stamp_topic(b"a:b\0", -1, NOW, b"e")
 
 
 def test_client_frame_payload_is_the_event_plus_offset_and_epoch() -> None:
