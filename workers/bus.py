@@ -68,9 +68,18 @@ class HubBus:
     # -- hub -> worker -------------------------------------------------------------------------------
     def subscribe(self, topic: bytes) -> None:
         self.sub.setsockopt(zmq.SUBSCRIBE, topic)
+        self._recheck()
 
     def unsubscribe(self, topic: bytes) -> None:
         self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
+        self._recheck()
+
+    def _recheck(self) -> None:
+        """Any call on the SUB socket may consume the edge of its FD (libzmq processes pending
+        commands and input then), so a message that arrived meanwhile would wake nobody: look again."""
+        if not self._drain_scheduled and self.loop is not None:
+            self._drain_scheduled = True
+            self.loop.call_soon(self._drain)
 
     def _drain(self) -> None:
         self._drain_scheduled = False
