@@ -113,7 +113,8 @@ def test_cli_writes_results_and_plots(tmp_path: Path) -> None:
                                           "lat_max_ms": 9.0})]) for k, p99 in (("baseline", 5.0), ("tidings", 3.0))]
     args = bench.parser().parse_args(["all", "--results-md", str(tmp_path / "R.md"),
                                       "--plots", str(tmp_path / "plots")])
-    bench.write_results(cases, args, "python -m loadtest.bench all", 0.0)
+    bench.write_results(cases, args, {"command": "python -m loadtest.bench all", "date": "today",
+                                      "machine": report.machine()})
     text = (tmp_path / "R.md").read_text()
     assert "| fan-out 1000 subs: >= 3x baseline, 0 loss | deliveries_per_s | 300,000 | 900,000 | 3.00 | yes |" in text
     assert (tmp_path / "plots" / "fanout_deliveries.png").stat().st_size > 1000

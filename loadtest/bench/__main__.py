@@ -8,6 +8,7 @@ Scenarios (each against tidings and the naive baseline, `--runs` times, medians 
   ping     M connections in a closed ping loop: replies/s, RTT
   hub      events/s through the hub to 2 workers (one subscriber on each), offsets in order
   all      every scenario at the issue's sizes; writes loadtest/RESULTS.md and loadtest/plots/
+  report   re-render RESULTS.md and the plots from a saved run: report --from loadtest/results/all-*.json
 
 Examples:
   python -m loadtest.bench fanout --subscribers 1000,5000 --via socket,hub
@@ -21,6 +22,7 @@ import argparse
 import math
 import os
 import shlex
+import subprocess
 import sys
 import time
 import traceback
@@ -36,6 +38,7 @@ from .scenarios import Run
 from .servers import Server, make_server
 
 HERE = Path(__file__).resolve().parent
+LOAD_AT_START = os.getloadavg()[0]
 LOADTEST = HERE.parent
 # the issue's targets, checked in the RESULTS.md summary: (scenario, case, metric, op, value, what)
 TARGETS: list[tuple[str, str, str, str, float, str]] = [
@@ -72,39 +75,46 @@ def run_case(
     scenario: str, case: str, params: dict[str, Any], kinds: list[str], args: argparse.Namespace,
     fn: Callable[[Server], Run | list[Run]], fresh_per_run: bool = False,
 ) -> list[Case]:
-    """Run fn `args.runs` times against each server kind; one Case per (kind, sub-case)."""
+    """Run fn `args.runs` times against each server kind; one Case per (kind, sub-case).
+
+    Runs are interleaved (baseline 1, tidings 1, baseline 2, ...) with both servers up, so that
+    the other load on a shared machine drifts over both servers alike and the ratio stays fair."""
     out: dict[tuple[str, str], Case] = {}
-    for kind in kinds:
-        server: Server | None = None
-        try:
-            for i in range(args.runs):
-                if server is None:
-                    server = make_server(kind, args.workers)
-                    server.start()
-                time.sleep(scenarios.SETTLE)
-                t0 = time.monotonic()
-                result = fn(server)
-                for run in result if isinstance(result, list) else [result]:
-                    sub = case + (f" load={run.notes['load']}" if "load" in run.notes else "")
-                    c = out.setdefault((kind, sub), Case(scenario, sub, kind, {**params, **run.notes}))
-                    c.runs.append(run)
-                    metric, _ = report.HEADLINE[scenario]
-                    log(f"{scenario} {sub} {kind} run {i + 1}/{args.runs}: {metric}="
-                        f"{report.fmt(run.metrics.get(metric, math.nan))} loss={run.metrics.get('loss', '-')} "
-                        f"({time.monotonic() - t0:.1f}s)")
-                if fresh_per_run:
-                    server.stop()
-                    server = None
-        except Exception as exc:
-            log(f"{scenario} {case} {kind} failed: {exc}")
-            traceback.print_exc()
-            c = out.setdefault((kind, case), Case(scenario, case, kind, params))
-            c.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            if server is not None:
-                log(f"server log tail:\n{server.logs()[-2000:]}")
-        finally:
-            if server is not None:
-                server.stop()
+    servers: dict[str, Server] = {}
+    failed: set[str] = set()
+    try:
+        for i in range(args.runs):
+            for kind in kinds:
+                if kind in failed:
+                    continue
+                try:
+                    if kind not in servers:
+                        servers[kind] = make_server(kind, args.workers)
+                        servers[kind].start()
+                    time.sleep(scenarios.SETTLE)
+                    t0 = time.monotonic()
+                    result = fn(servers[kind])
+                    for run in result if isinstance(result, list) else [result]:
+                        sub = case + (f" load={run.notes['load']}" if "load" in run.notes else "")
+                        c = out.setdefault((kind, sub), Case(scenario, sub, kind, {**params, **run.notes}))
+                        c.runs.append(run)
+                        metric, _ = report.HEADLINE[scenario]
+                        log(f"{scenario} {sub} {kind} run {i + 1}/{args.runs}: {metric}="
+                            f"{report.fmt(run.metrics.get(metric, math.nan))} "
+                            f"loss={run.metrics.get('loss', '-')} ({time.monotonic() - t0:.1f}s)")
+                except Exception as exc:
+                    log(f"{scenario} {case} {kind} failed: {exc}")
+                    traceback.print_exc()
+                    failed.add(kind)
+                    c = out.setdefault((kind, case), Case(scenario, case, kind, params))
+                    c.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    if kind in servers:
+                        log(f"server log tail:\n{servers[kind].logs()[-2000:]}")
+                if fresh_per_run and kind in servers:
+                    servers.pop(kind).stop()
+    finally:
+        for server in servers.values():
+            server.stop()
     return list(out.values())
 
 
@@ -128,10 +138,9 @@ def latency_cases(args: argparse.Namespace, kinds: list[str], max_rates: dict[st
     cases: list[Case] = []
     rates = dict(max_rates or {})
     for kind in kinds:
+        if not rates.get(kind) and args.max_rate:
+            rates[kind] = args.max_rate
         if not rates.get(kind):
-            if args.max_rate:
-                rates[kind] = args.max_rate
-                continue
             log(f"latency: measuring the maximum publish rate of {kind} first")
             probe = run_case("fanout", "max", {}, [kind], _one_run(args), lambda srv: scenarios.fanout(
                 srv, subscribers=args.lat_subscribers, events=max(50, args.deliveries // args.lat_subscribers),
@@ -185,13 +194,37 @@ def hub_cases(args: argparse.Namespace, kinds: list[str]) -> list[Case]:
 
 
 # -- output ------------------------------------------------------------------------------------
-def save_json(cases: list[Case], out_dir: Path, name: str, command: str) -> Path:
+def git_revision() -> str:
+    """The commit the servers ran from, '+dirty' when the tree had local changes."""
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty=+dirty"], cwd=LOADTEST.parent,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return rev or "unknown"
+
+
+def run_info(command: str, started: float) -> dict[str, Any]:
+    return {"command": command, "date": report.now(), "machine": report.machine(), "revision": git_revision(),
+            "minutes": (time.monotonic() - started) / 60, "load_start": LOAD_AT_START,
+            "load_end": os.getloadavg()[0]}
+
+
+def save_json(cases: list[Case], out_dir: Path, name: str, info: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_bytes(orjson.dumps({"command": command, "date": report.now(), "machine": report.machine(),
-                                   "cases": [c.to_json() for c in cases]},
+    path.write_bytes(orjson.dumps({**info, "cases": [c.to_json() for c in cases]},
                                   option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     return path
+
+
+def load_json(path: Path) -> tuple[list[Case], dict[str, Any]]:
+    """Cases and run info back from a raw results file (`report --from FILE` re-renders it)."""
+    data = orjson.loads(path.read_bytes())
+    cases = [Case(c["scenario"], c["case"], c["server"], c["params"],
+                  [Run(r["metrics"], r["notes"]) for r in c["runs"]], c.get("error")) for c in data["cases"]]
+    info = {k: v for k, v in data.items() if k != "cases"}
+    return cases, info
 
 
 def summary(cases: list[Case]) -> str:
@@ -217,7 +250,11 @@ def summary(cases: list[Case]) -> str:
     return "\n".join(lines)
 
 
-def write_results(cases: list[Case], args: argparse.Namespace, command: str, started: float) -> None:
+def write_results(cases: list[Case], args: argparse.Namespace, info: dict[str, Any]) -> None:
+    command = info["command"]
+    minutes = f"{info['minutes']:.1f} min" if info.get("minutes") else "duration not recorded"
+    loads = (f"1-min load average {info['load_start']:.2f} at the start and {info['load_end']:.2f} at the end"
+             if "load_start" in info else "load average not recorded")
     plots = Path(args.plots)
     fan_png, lat_png = plots / "fanout_deliveries.png", plots / "latency_vs_load.png"
     report.plot_fanout(cases, fan_png)
@@ -232,8 +269,11 @@ def write_results(cases: list[Case], args: argparse.Namespace, command: str, sta
 Generated by `{command}` (the whole file and the plots are regenerated by that one command;
 `make bench` runs it). Do not edit by hand.
 
-- **Date:** {report.now()} ({(time.monotonic() - started) / 60:.1f} min for the whole suite)
-- **Machine:** {report.machine()}
+- **Date:** {info["date"]} ({minutes} for the whole suite)
+- **Machine:** {info["machine"]}
+- **Code:** git `{info.get("revision", "not recorded")}`
+- **Other load on the machine:** {loads} (other engineers' tests share these cores; the
+  suite interleaves the servers' runs so that both meet the same background)
 - **Servers:** tidings (`tidings run`, 1 hub + {args.workers} workers) and the naive baseline
   (`loadtest/bench/baseline.py`: one picows process, `for t in subscribers: t.send(...)`), started
   fresh by the suite on loopback; the load client (picows + uvloop, {args.clients} processes plus a
@@ -249,6 +289,10 @@ Generated by `{command}` (the whole file and the plots are regenerated by that o
 ## Targets (issue 4)
 
 {summary(cases)}
+
+Why targets are missed, the profiles of the hot paths (`python -m loadtest.bench.profile`) and
+the cost model: [SCALING.md](SCALING.md). Server CPU per delivery (`cpu_us_per_delivery`) is the
+fairest column: the load client shares the cores, so rates are lower bounds.
 
 ## All results
 {report.table(cases)}
@@ -269,7 +313,8 @@ Generated by `{command}` (the whole file and the plots are regenerated by that o
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", choices=["fanout", "latency", "connect", "idle", "ping", "hub", "all"])
+    p.add_argument("scenario", choices=["fanout", "latency", "connect", "idle", "ping", "hub", "all", "report"])
+    p.add_argument("--from", dest="from_json", help="report: re-render RESULTS.md and plots from this JSON")
     p.add_argument("--server", default="both", choices=["both", "tidings", "baseline"])
     p.add_argument("--runs", type=int, default=3, help="runs per case; the median is reported (3)")
     p.add_argument("--workers", type=int, default=2, help="tidings workers (2)")
@@ -278,8 +323,8 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("fanout / latency")
     g.add_argument("--subscribers", type=csv_ints, default=[1000, 5000], help="fanout sizes (1000,5000)")
     g.add_argument("--channels", type=int, default=1, help="channels the subscribers spread over (1)")
-    g.add_argument("--deliveries", type=int, default=1_000_000,
-                   help="deliveries per fanout run; events = deliveries / subscribers (1000000)")
+    g.add_argument("--deliveries", type=int, default=600_000,
+                   help="deliveries per fanout run; events = deliveries / subscribers (600000)")
     g.add_argument("--events", type=int, default=0, help="events per fanout run (overrides --deliveries)")
     g.add_argument("--window", type=int, default=64, help="publishes in flight (64)")
     g.add_argument("--via", type=csv_str, default=["socket"], help="publish path(s): socket,hub (socket)")
@@ -332,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m loadtest.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     kinds = ["baseline", "tidings"] if args.server == "both" else [args.server]
     started = time.monotonic()
+    if args.scenario == "report":
+        cases, info = load_json(Path(args.from_json))
+        write_results(cases, args, info)
+        return 0
     if args.scenario == "all":
         cases = run_all(args, kinds)
     else:
@@ -340,11 +389,12 @@ def main(argv: list[str] | None = None) -> int:
             "idle": idle_cases, "ping": ping_cases, "hub": hub_cases,
         }[args.scenario](args, kinds)
     print(report.table(cases))
-    path = save_json(cases, Path(args.out), args.scenario, command)
+    info = run_info(command, started)
+    path = save_json(cases, Path(args.out), args.scenario, info)
     log(f"raw results: {path}")
     if args.scenario == "all":
         print("\n" + summary(cases))
-        write_results(cases, args, command, started)
+        write_results(cases, args, info)
     return 1 if any(c.error for c in cases) else 0
 
 

@@ -40,6 +40,7 @@ EVENT_TYPE = "bench"
 TICK = 0.001  # s: progress/deadline timer; libuv timers have 1 ms resolution anyway
 MAX_SAMPLES = 200_000  # latency samples kept per process (a random subset beyond that)
 READ_BUFFER = 4096  # picows client read buffer: 10k idle client sockets must stay cheap
+CONNECT_TIMEOUT = 30.0  # s per connection attempt (TCP + upgrade), then it counts as failed
 PORTS_PER_SOURCE_IP = 16_000  # below the ~28k ephemeral ports per (src, dst) with headroom
 _CTX = mp.get_context("spawn")  # no inherited event loop, zmq context or sockets
 
@@ -175,9 +176,10 @@ async def _connect_many(
             try:
                 ip = source_ip(offset + i, total)
                 kwargs: dict[str, Any] = {"local_addr": (ip, 0)} if ip else {}
-                transport, listener = await ws_connect(
+                # bounded: a SYN dropped by a full accept queue is retried by the kernel for ~2 min
+                transport, listener = await asyncio.wait_for(ws_connect(
                     factory, url, read_buffer_init_size=READ_BUFFER,
-                    websocket_handshake_timeout=30, **kwargs)
+                    websocket_handshake_timeout=30, **kwargs), CONNECT_TIMEOUT)
                 first = await asyncio.wait_for(listener.first, 30)
                 if orjson.loads(first).get("type") != "connected":
                     transport.disconnect(False)

@@ -42,12 +42,19 @@ def descendants(root: int) -> list[int]:
 
 def cpu_seconds(pids: Iterable[int]) -> float:
     """Sum of utime+stime (seconds) of the given processes; vanished processes count 0."""
-    ticks = 0
+    user, system = cpu_split(pids)
+    return user + system
+
+
+def cpu_split(pids: Iterable[int]) -> tuple[float, float]:
+    """(utime, stime) in seconds, summed: user space (Python, picows) vs kernel (syscalls, TCP)."""
+    user = system = 0
     for pid in pids:
         fields = _stat_fields(pid)
         if fields is not None:
-            ticks += int(fields[11]) + int(fields[12])  # stat fields 14 and 15
-    return ticks / CLK_TCK
+            user += int(fields[11])  # stat field 14
+            system += int(fields[12])  # stat field 15
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def rss_kib(pids: Iterable[int]) -> int:

@@ -64,6 +64,8 @@ COLUMNS = {
 def fmt(x: float) -> str:
     if isinstance(x, float) and math.isnan(x):
         return "-"
+    if isinstance(x, int) and abs(x) < 10_000:  # counts (loss, failures) read as counts
+        return str(x)
     if abs(x) >= 10_000:
         return f"{x:,.0f}"
     if abs(x) >= 100:
@@ -130,11 +132,14 @@ def now() -> str:
 
 
 # -- plots -------------------------------------------------------------------------------------
+COLORS = {"baseline": "tab:blue", "tidings": "tab:orange"}
+
 def plot_fanout(cases: list[Case], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list[Case]] = {}
@@ -147,8 +152,10 @@ def plot_fanout(cases: list[Case], path: Path) -> None:
         med = [c.median("deliveries_per_s") / 1e3 for c in cs]
         lo = [m - min(c.values("deliveries_per_s")) / 1e3 for m, c in zip(med, cs, strict=True)]
         hi = [max(c.values("deliveries_per_s")) / 1e3 - m for m, c in zip(med, cs, strict=True)]
-        ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=label,
+                    color=COLORS.get(label.split()[0]), ls="--" if "hub" in label else "-")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("subscribers on one channel")
     ax.set_ylabel("deliveries/s (thousands), median of runs, bars = min..max")
     ax.set_title("Fan-out throughput, 64 publishes in flight, same machine, load client included")
@@ -176,7 +183,7 @@ def plot_latency(cases: list[Case], path: Path) -> None:
         cs.sort(key=lambda c: c.median("deliveries_per_s"))
         xs = [c.median("deliveries_per_s") / 1e3 for c in cs]
         for metric, style in (("lat_p50_ms", "--"), ("lat_p99_ms", "-"), ("lat_max_ms", ":")):
-            ax.plot(xs, [c.median(metric) for c in cs], style, marker="o",
+            ax.plot(xs, [c.median(metric) for c in cs], style, marker="o", color=COLORS.get(server),
                     label=f"{server} {metric.split('_')[1]}")
     ax.set_yscale("log")
     ax.set_xlabel("offered load, deliveries/s (thousands)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,7 @@ def fanout(
     server: Server, *, subscribers: int, channels: int = 1, events: int = 1000, window: int = 64,
     via: str = "socket", clients: int = 2, rate: float = 0.0, probe_every: int = 50,
     timeout: float = 120.0, distinct_workers: bool = False,
+    on_go: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None,
 ) -> Run:
     """S subscribers on C channels, P events from one publisher; deliveries/s, loss, latency."""
     if via == "hub" and not server.has_hub:
@@ -103,12 +104,21 @@ def fanout(
         jobs.append(pub)
         _ready([pub])
         pids = server.pids()
-        cpu0 = procs.cpu_seconds(pids)
+        user0, sys0 = procs.cpu_split(pids)
+        per_pid0 = {pid: procs.cpu_seconds([pid]) for pid in pids}
+        if on_go is not None:  # e.g. the profiler starts cProfile in the server's processes
+            on_go()
         for job in jobs:
             job.send("go")
         p = _done([pub], timeout)[0]
         subs = _done(jobs[:-1], timeout)
-        cpu1 = procs.cpu_seconds(pids)
+        user1, sys1 = procs.cpu_split(pids)
+        if on_done is not None:
+            on_done()
+        cpu0, cpu1 = user0 + sys0, user1 + sys1
+        # which process spent it (hub vs each worker): the scaling model needs the split
+        cpu_by_process = {procs.cmdline(pid)[-40:]: round(procs.cpu_seconds([pid]) - c, 3)
+                          for pid, c in per_pid0.items()}
     delivered = sum(s["received"] for s in subs)
     expected = sum(s["expected"] for s in subs)
     # events over the publisher's real send count: a stalled publisher is loss too
@@ -129,6 +139,7 @@ def fanout(
         "lat_max_ms": max(lat, default=math.nan) / 1e3,
         "cpu_us_per_delivery": (cpu1 - cpu0) / max(1, delivered) * 1e6,
         "server_cpu_s": cpu1 - cpu0,
+        "server_sys_share": (sys1 - sys0) / (cpu1 - cpu0) if cpu1 > cpu0 else math.nan,
         "elapsed_s": elapsed,
         "frame_bytes": sum(frame_bytes) / len(frame_bytes) if frame_bytes else math.nan,
     }
@@ -136,7 +147,7 @@ def fanout(
         m["rate_events_per_s"] = rate
     notes = {"subscribers": subscribers, "channels": channels, "events": events, "window": window,
              "via": via, "clients": len(sizes), "stalled": p["stalled"], "replies": p["replies"],
-             "latency_samples": len(lat)}
+             "latency_samples": len(lat), "cpu_s_by_process": cpu_by_process}
     return Run(m, notes)
 
 
@@ -167,28 +178,27 @@ def latency(server: Server, *, subscribers: int, max_events_per_s: float, loads:
     return runs
 
 
-def hub(server: Server, *, events: int = 300_000, window: int = 4096, tries: int = 12) -> Run:
+def hub(server: Server, *, events: int = 300_000, window: int = 4096, tries: int = 12,
+        on_go: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None) -> Run:
     """events/s through the hub to 2 workers (one subscriber on each), offsets checked in order.
 
-    Against the baseline (no hub) it is the same fan-out to 2 subscribers over the socket."""
+    Each subscriber is in its own job, so that /proc can tell which worker holds it; SO_REUSEPORT
+    picks the worker by hash, so the setup is retried until there is one on each. Against the
+    baseline (no hub) it is the same fan-out to 2 subscribers over the socket."""
     if not server.has_hub:
         return fanout(server, subscribers=2, events=events, window=window, clients=1, probe_every=1)
     for _ in range(tries):  # SO_REUSEPORT picks the worker by hash: retry until 1 + 1
         try:
-            return _hub_once(server, events=events, window=window)
+            return fanout(server, subscribers=2, events=events, window=window, clients=2, probe_every=1,
+                          via="hub", distinct_workers=True, on_go=on_go, on_done=on_done)
         except _SameWorker:
             continue
     raise RuntimeError(f"could not place 2 subscribers on 2 different workers in {tries} tries")
 
 
-def _hub_once(server: Server, *, events: int, window: int) -> Run:
-    # each subscriber in its own job, so a job can report which worker holds its connection
-    return fanout(server, subscribers=2, events=events, window=window, clients=2, probe_every=1,
-                  via="hub", distinct_workers=True)
-
-
 # -- connect -----------------------------------------------------------------------------------
-def connect(server: Server, *, connections: int = 5000, concurrency: int = 128, clients: int = 2) -> Run:
+def connect(server: Server, *, connections: int = 5000, concurrency: int = 128, clients: int = 2,
+            on_go: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None) -> Run:
     url = f"ws://{server.host}:{server.port}/ws?token="
     sizes = _split(connections, clients)
     with _jobs() as jobs:
@@ -201,10 +211,14 @@ def connect(server: Server, *, connections: int = 5000, concurrency: int = 128, 
         _ready(jobs)
         pids = server.pids()
         cpu0 = procs.cpu_seconds(pids)
+        if on_go is not None:
+            on_go()
         for job in jobs:
             job.send("go")
         res = _done(jobs, SETUP_TIMEOUT)
         cpu1 = procs.cpu_seconds(pids)
+        if on_done is not None:
+            on_done()
     ok = sum(r["ok"] for r in res)
     elapsed = max(r["end"] for r in res) - min(r["start"] for r in res)
     lat = [x for r in res for x in r["latency_us"]]
@@ -246,7 +260,8 @@ def idle(server: Server, *, connections: int = 10_000, channels: int = 100, clie
 
 
 # -- ping --------------------------------------------------------------------------------------
-def ping(server: Server, *, connections: int = 100, duration: float = 5.0, clients: int = 2) -> Run:
+def ping(server: Server, *, connections: int = 100, duration: float = 5.0, clients: int = 2,
+         on_go: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None) -> Run:
     url = f"ws://{server.host}:{server.port}/ws?token="
     sizes = _split(connections, clients)
     with _jobs() as jobs:
@@ -258,10 +273,14 @@ def ping(server: Server, *, connections: int = 100, duration: float = 5.0, clien
         _ready(jobs)
         pids = server.pids()
         cpu0 = procs.cpu_seconds(pids)
+        if on_go is not None:
+            on_go()
         for job in jobs:
             job.send("go")
         res = _done(jobs, duration)
         cpu1 = procs.cpu_seconds(pids)
+        if on_done is not None:
+            on_done()
     replies = sum(r["replies"] for r in res)
     elapsed = max(r["elapsed"] for r in res)
     lat = [x for r in res for x in r["latency_us"]]
