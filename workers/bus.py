@@ -16,7 +16,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 NOBLOCK = int(zmq.NOBLOCK)
-DRAIN_BATCH = 128  # hub messages per loop callback: enough to coalesce writes, small enough that the first subscriber is not kept waiting behind a huge batch
+DRAIN_BATCH = 128  # hub messages per pass: enough to coalesce writes; a bigger batch delays first deliveries
 DRAIN_BYTES = 1 << 20  # ... and at most about this many payload bytes, so a batch stays small
 PUSH_HWM = 10_000  # publishes queued towards the hub before `publish` replies internal_error
 RECONNECT_MAX_MS = 1000  # cap on ZeroMQ's reconnect backoff: the hub is back within a second
