@@ -249,21 +249,25 @@ class ClientConnection(FramedConnection):
         return None
 
     def on_message(self, msg_type: WSMsgType, payload: bytes) -> None:
+        stats = self.worker.stats
         if msg_type is not TEXT:
-            self.worker.stats.commands[("binary", "invalid_request")] += 1
+            stats.commands[("binary", "error")] += 1
             return self.send(error_reply(RequestError(
                 ReplyCode.INVALID_REQUEST, "binary frames are not part of the protocol; send JSON text")))
-        outputs = self.session.handle(payload, self.last_seen, self.worker.hub_up)
-        self.carry_out(outputs)
+        session = self.session
+        outputs = session.handle(payload, self.last_seen, self.worker.hub_up)
+        result = self.carry_out(outputs, session.last_result)
+        if result == "rate_limited":
+            stats.rate_limited += 1
+        stats.commands[(session.last_type, result)] += 1
         return None
 
-    def carry_out(self, outputs: list[Output]) -> None:
-        worker = self.worker
-        result = self.session.last_result
+    def carry_out(self, outputs: list[Output], result: str = "ok") -> str:
+        """Do what the session decided; returns `result`, or "error" if the hub refused a publish."""
         if len(outputs) == 1 and type(outputs[0]) is Send:  # most commands: one reply, nothing else
             self.send(outputs[0].payload)
-            worker.stats.commands[(self.session.last_type, result)] += 1
-            return
+            return result
+        worker = self.worker
         for out in outputs:
             if type(out) is Send:
                 self.send(out.payload)
@@ -283,10 +287,7 @@ class ClientConnection(FramedConnection):
                     self.send(out.failed)
             elif type(out) is Close:
                 self._close_for(out.error)
-                result = "closed"
-        if result == "rate_limited":
-            worker.stats.rate_limited += 1
-        worker.stats.commands[(self.session.last_type, result)] += 1
+        return result
 
     def _close_for(self, error: Disconnect) -> None:
         reply = error_reply(error.reply) if error.reply is not None else None
