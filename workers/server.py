@@ -52,6 +52,7 @@ TICK_SECONDS = 1.0  # housekeeping period: expiry precision and metrics freshnes
 IDLE_SWEEP_SECONDS = 5.0  # how often every connection's idle time is looked at
 READ_BUFFER_BYTES = 1024  # picows allocates this per connection up front; it grows for big frames
 FD_WARN_FRACTION = 0.9  # warn when connections reach this share of RLIMIT_NOFILE
+FD_RESERVED = 100  # descriptors a worker needs besides its connections (listeners, ZeroMQ, logs)
 FD_WARN_EVERY = 10.0  # seconds between those warnings: the condition lasts, the log must not flood
 
 
@@ -85,7 +86,7 @@ class Worker:
         self.gap_log = RateLimitedLog(log)
         # uvloop (libuv) rides out EMFILE on accept without spinning or logging; we say it once in a while.
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.fd_warn_at = int(self.fd_limit * FD_WARN_FRACTION)
+        self.fd_warn_at = min(int(self.fd_limit * FD_WARN_FRACTION), self.fd_limit - FD_RESERVED)
         self.fd_log = RateLimitedLog(log, FD_WARN_EVERY)
         self.next_idle_sweep = 0.0
         self.listening = False  # set once the WebSocket and API ports both accept
