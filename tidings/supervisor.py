@@ -63,6 +63,12 @@ class Supervisor:
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def run(self) -> int:
+        busy = self._ports_in_use()
+        if busy:
+            self.log.error("%s already in use by another process: stop it or choose another port "
+                           "(workers share ports through SO_REUSEPORT, so a second instance would "
+                           "silently take half of the first one's connections)", busy)
+            return 1
         self.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
         prepare_metrics_dir(self.config.metrics_path, wipe=True)
         notify_path = self.runtime / "notify.sock"
@@ -90,6 +96,23 @@ class Supervisor:
         self.notify.close()
         notify_path.unlink(missing_ok=True)
         return 0
+
+    def _ports_in_use(self) -> str:
+        """The first of our TCP ports that something else listens on. A bind without SO_REUSEPORT
+        fails on a listening port, reuseport group or not; SO_REUSEADDR keeps connections left in
+        TIME_WAIT by a previous run from counting."""
+        c = self.config
+        for host, port in ((c.host, c.port), (c.api_host, c.api_port)):
+            if not port:
+                continue
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, port))
+                except OSError:
+                    return f"{host}:{port}"
+        return ""
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True

@@ -152,3 +152,17 @@ def test_reload_rotates_the_hs256_secret_from_the_env_file(tmp_path: Path) -> No
         code, _ = Client(svc.ws_url(_token("x" * 40, "stranger"))).expect_close()
         assert code == 4001
         assert kept.request("ping")["type"] == "pong"  # nobody was dropped
+
+
+def test_run_refuses_a_port_another_instance_holds() -> None:
+    with TidingsService(workers=1) as first:
+        second = TidingsService(workers=1, wait_ready=False, env={"TIDINGS_PORT": str(first.port)})
+        second.start()
+        try:
+            assert second.proc is not None
+            assert second.proc.wait(15) == 1
+            assert f"127.0.0.1:{first.port} already in use" in second.logs()
+        finally:
+            second.stop()
+        c, _ = connect(first.ws_url(first.token("still-mine")))  # the first one is untouched
+        c.close()
