@@ -65,16 +65,21 @@ class ChannelRegistry:
         channel.pending.append(PendingJoin(name, member, ok, failed, now + timeout))
         return None
 
-    def leave(self, member: Hashable, name: str, now: float) -> None:
+    def leave(self, member: Hashable, name: str, now: float) -> list[PendingJoin]:
+        """Remove member; returns its joins still waiting for the hub (the caller answers them,
+        so a subscribe followed at once by an unsubscribe still gets its reply, in order)."""
         channel = self.by_name.get(name)
         if channel is None or member not in channel.members:
-            return
+            return []
         del channel.members[member]
         self.subscriptions -= 1
+        waiting: list[PendingJoin] = []
         if channel.pending:
+            waiting = [p for p in channel.pending if p.member == member]
             channel.pending = [p for p in channel.pending if p.member != member]
         if not channel.members:
             channel.empty_since = now
+        return waiting
 
     def confirm(self, topic: bytes) -> list[PendingJoin]:
         """The hub confirmed topic: the joins to answer with `ok` now."""

@@ -277,7 +277,8 @@ class ClientConnection(FramedConnection):
                 if ready is not None:
                     self.send(ready)
             elif type(out) is Leave:
-                worker.channels.leave(self, out.channel, self.last_seen)
+                for waiting in worker.channels.leave(self, out.channel, self.last_seen):
+                    self.send(waiting.ok)  # its subscribe is answered before the unsubscribe
             elif type(out) is Forward:
                 if worker.bus.push_event(out.topic, out.body):
                     self.send(out.ok)

@@ -201,3 +201,15 @@ def test_token_never_logged(svc: TidingsService) -> None:
     logs = svc.logs()
     assert token not in logs
     assert token.split(".")[2] not in logs
+
+
+def test_subscribe_then_unsubscribe_at_once_answers_both_in_order(svc: TidingsService) -> None:
+    c, _ = connect(svc.ws_url(svc.token("quick", channels=["fresh:*"])))
+    for i in range(5):  # new channels: each subscribe waits for the hub when the unsubscribe arrives
+        c.send({"type": "subscribe", "id": f"s{i}", "data": {"channel": f"fresh:c{i}"}})
+        c.send({"type": "unsubscribe", "id": f"u{i}", "data": {"channel": f"fresh:c{i}"}})
+    replies = [c.recv() for _ in range(10)]
+    for i in range(5):
+        mine = [r for r in replies if r["data"]["channel"] == f"fresh:c{i}"]
+        assert [(r["type"], r["id"]) for r in mine] == [("subscribed", f"s{i}"), ("unsubscribed", f"u{i}")]
+    c.nothing(0.5)

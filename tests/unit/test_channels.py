@@ -219,3 +219,13 @@ def test_subscription_counting(registry: ChannelRegistry) -> None:
     registry.sweep(now=5.0 + GRACE, grace=GRACE)
     assert (registry.subscriptions, registry.hub_topics, registry.active_channels) == (0, 0, 0)
     assert registry.by_name == {} and registry.by_topic == {}
+
+
+def test_leave_returns_the_members_joins_still_waiting(registry: ChannelRegistry) -> None:
+    early, other = Member("early"), Member("other")
+    join(registry, early)
+    join(registry, other)
+    waiting = registry.leave(early, A, now=0.0)
+    assert [(p.member, p.channel) for p in waiting] == [(early, A)]  # answered by the caller
+    assert [p.member for p in registry.confirm(TOPIC_A)] == [other]
+    assert registry.leave(other, A, now=0.0) == []  # confirmed: nothing waits any more
