@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jwt as jwt_module
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -438,3 +439,51 @@ def test_claims_permissions() -> None:
 def test_auth_failure_client_messages_have_no_detail() -> None:
     assert {k: AuthFailure(k, "secret detail").client_message for k in ("missing", "invalid", "expired")} == \
         {"missing": "missing token", "invalid": "invalid token", "expired": "token expired"}
+
+
+# -- the cache of verified tokens -------------------------------------------------------------------
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    real = jwt_module.decode
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append("decode")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jwt_module, "decode", counting)
+    return calls
+
+
+def test_a_token_seen_before_is_not_decoded_again(now: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = hs_verifier()
+    token = make_token(now, exp=int(now) + 600)
+    first = verifier.verify(token, now)
+    calls = _count_decodes(monkeypatch)
+    assert verifier.verify(token, now + 10) is first
+    assert calls == []
+    assert_refused(verifier, token + "x", now)  # only the exact same string hits
+    assert calls == ["decode"]
+
+
+def test_a_cached_token_is_decoded_again_once_past_exp(now: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    # PyJWT judges exp by the real clock, so this checks the cache lets go, not the verdict.
+    verifier = hs_verifier(leeway=5.0)
+    token = make_token(now, exp=int(now) + 60)
+    verifier.verify(token, now)
+    calls = _count_decodes(monkeypatch)
+    verifier.verify(token, int(now) + 65)  # exp + leeway: still the cache
+    assert calls == []
+    try:
+        verifier.verify(token, int(now) + 66)
+    except AuthFailure:
+        pass
+    assert calls == ["decode"]
+
+
+def test_a_cached_token_of_a_rotated_out_key_stops_working_when_the_overlap_ends(now: float) -> None:
+    old = TokenVerifier([VerificationKey("o" * 40)], "HS256")
+    token = make_token(now, key="o" * 40, exp=int(now) + 3600)
+    rotated = TokenVerifier([VerificationKey("n" * 40)], "HS256").with_previous(old, valid_until=now + 100)
+    assert rotated.verify(token, now).sub == "u1"
+    assert rotated.verify(token, now + 50).sub == "u1"  # from the cache, inside the overlap
+    assert_refused(rotated, token, now + 101)
