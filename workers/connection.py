@@ -164,7 +164,7 @@ class FramedConnection(WSListener):
         except Exception:
             # A bug, not the client's fault: log it, tell the client, keep the connection.
             log.exception("internal error handling a message on %s", self.describe())
-            self.worker.stats.commands[("unknown", "internal_error")] += 1
+            self.worker.stats.commands[("unknown", "error")] += 1
             self.send(error_reply(RequestError(ReplyCode.INTERNAL_ERROR, "internal error")))
         return None
 
@@ -199,9 +199,12 @@ class FramedConnection(WSListener):
         """Flush what is queued, send `reply`, then the close frame (or abort), and disconnect."""
         if self.closed or self.transport is None:
             return
-        if reply is not None:
-            self.worker.enqueue(self, text_frame(reply))
-        self.worker.flush_one(self)
+        if not reason.graceful:
+            self.worker.pending.pop(self, None)  # an aborted peer gets nothing more
+        else:
+            if reply is not None:
+                self.worker.enqueue(self, text_frame(reply))
+            self.worker.flush_one(self)
         self.closed = True
         self.close_code = reason.code
         if not reason.graceful:

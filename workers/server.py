@@ -12,7 +12,6 @@ bytes for every local subscriber, and `flush` writes each connection's queue in 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 import os
@@ -46,6 +45,7 @@ from workers.bus import HubBus
 from workers.channels import Channel, ChannelRegistry, PendingJoin
 from workers.connection import ClientConnection, EchoConnection, FramedConnection, RejectedConnection, frame_header
 from workers.errors import CloseReason, ReplyCode, RequestError
+from workers.expiry import ExpiryQueue
 from workers.protocol import Session, SessionLimits, error_reply
 
 TICK_SECONDS = 1.0  # housekeeping period: expiry precision and metrics freshness
@@ -72,7 +72,7 @@ class Worker:
         self.connections: dict[ClientConnection, None] = {}
         self.echo_connections: set[EchoConnection] = set()
         self.per_user: Counter[str] = Counter()
-        self.expiry: list[tuple[float, int, ClientConnection]] = []
+        self.expiry = ExpiryQueue()
         self.ids = itertools.count(1)
         self.boot = secrets.token_hex(2)
         self.pending: dict[FramedConnection, list[bytes]] = {}
@@ -84,6 +84,7 @@ class Worker:
         self.server: asyncio.Server | None = None
         self.api: PublishAPI | None = None
         self.gap_log = RateLimitedLog(log)
+        self.exporter = StatsExporter(stats)  # before the API starts: /metrics flushes it
         # uvloop (libuv) rides out EMFILE on accept without spinning or logging; we say it once in a while.
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fd_warn_at = min(int(self.fd_limit * FD_WARN_FRACTION), self.fd_limit - FD_RESERVED)
@@ -117,7 +118,6 @@ class Worker:
         self.loop.call_later(TICK_SECONDS, self.tick)
         if self.notifier.watchdog_interval:
             self._watchdog()
-        self.exporter = StatsExporter(self.stats)
         self.listening = True
         self._check_ready()
 
@@ -227,14 +227,10 @@ class Worker:
         self.notifier.status(self.status_line())
 
     def _expire_tokens(self, wall: float) -> None:
-        leeway = self.config.jwt_leeway
-        heap = self.expiry
-        while heap and heap[0][0] + leeway <= wall:
-            _, _, conn = heapq.heappop(heap)
-            if not conn.closed:
-                reply = error_reply(RequestError(ReplyCode.UNAUTHORIZED, "token expired"))
-                self.log.info("closing %s: token expired", conn.describe())
-                conn.close(errors.TOKEN_EXPIRED, reply)
+        for conn in self.expiry.pop_due(wall - self.config.jwt_leeway):
+            reply = error_reply(RequestError(ReplyCode.UNAUTHORIZED, "token expired"))
+            self.log.info("closing %s: token expired", conn.describe())
+            conn.close(errors.TOKEN_EXPIRED, reply)
 
     def _sweep_idle(self, now: float) -> None:
         idle_after = self.config.idle_timeout
@@ -323,7 +319,7 @@ class Worker:
         self.connections[conn] = None
         self.per_user[claims.sub] += 1
         self.stats.connections_opened += 1
-        heapq.heappush(self.expiry, (claims.exp, id(conn), conn))
+        self.expiry.add(claims.exp, conn)
         return None
 
     def connection_lost(self, conn: FramedConnection) -> None:
@@ -339,9 +335,9 @@ class Worker:
         for name in conn.session.channels:
             self.channels.leave(conn, name, now)
         self.stats.connections_closed[str(conn.close_code)] += 1
+        self.expiry.forget()
         if self.stopping and not self.connections:
             self._finish_shutdown()  # everyone is gone before the window ended
-        # The expiry heap entry stays until its time; the closed flag makes it a no-op.
 
     # == hub ==================================================================================
     def on_hub_state(self, up: bool) -> None:
