@@ -20,7 +20,7 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -44,7 +44,6 @@ class Child:
     restart_at: float | None = None
     ready: bool = False
     restarts: int = 0
-    status: str = field(default="")
 
 
 class Supervisor:
@@ -153,8 +152,6 @@ class Supervisor:
             for line in data.decode(errors="replace").splitlines():
                 if line == "READY=1":
                     child.ready = True
-                elif line.startswith("STATUS="):
-                    child.status = line[7:]
             if not self.announced and all(c.ready for c in self.children):
                 self.announced = True
                 self._announce()
@@ -191,7 +188,8 @@ class Supervisor:
             if child.proc is None and child.restart_at is not None and now >= child.restart_at:
                 child.restarts += 1
                 self._spawn(child)
-                self.log.info("%s restarted (pid %d)", child.name, child.proc.pid if child.proc else -1)
+                self.log.info("%s restarted (pid %d, restart %d since start)", child.name,
+                              child.proc.pid if child.proc else -1, child.restarts)
 
     def _signal_all(self, sig: int) -> None:
         for child in self.children:

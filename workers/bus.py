@@ -9,7 +9,6 @@ connection is up.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 import zmq
@@ -22,12 +21,11 @@ PUSH_HWM = 10_000  # publishes queued towards the hub before `publish` replies i
 RECONNECT_MAX_MS = 1000  # cap on ZeroMQ's reconnect backoff: the hub is back within a second
 
 class HubBus:
-    def __init__(self, ingress: str, egress: str, hwm: int, log: logging.Logger,
+    def __init__(self, ingress: str, egress: str, hwm: int,
                  on_messages: Callable[[list[tuple[bytes, bytes | None]]], None],
                  on_hub_state: Callable[[bool], None]) -> None:
         self.ingress = ingress
         self.egress = egress
-        self.log = log
         self.on_messages = on_messages
         self.on_hub_state = on_hub_state
         self.ctx = zmq.Context()

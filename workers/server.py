@@ -66,7 +66,7 @@ class Worker:
         self.verifier = TokenVerifier.from_config(config)
         self.limits = SessionLimits.from_config(config)
         self.loop = asyncio.get_running_loop()
-        self.bus = HubBus(config.ingress_endpoint, config.egress_endpoint, config.hub_hwm, log,
+        self.bus = HubBus(config.ingress_endpoint, config.egress_endpoint, config.hub_hwm,
                           self.on_hub_messages, self.on_hub_state)
         self.channels = ChannelRegistry(self.bus.subscribe, self.bus.unsubscribe)
         self.connections: dict[ClientConnection, None] = {}

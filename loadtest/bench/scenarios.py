@@ -196,6 +196,22 @@ def hub(server: Server, *, events: int = 300_000, window: int = 4096, tries: int
     raise RuntimeError(f"could not place 2 subscribers on 2 different workers in {tries} tries")
 
 
+def _go_and_time(server: Server, jobs: list[Job], timeout: float, on_go: Callable[[], None] | None,
+                 on_done: Callable[[], None] | None) -> tuple[list[dict[str, Any]], float]:
+    """Start every ready job at once; their results and the server tree's CPU seconds meanwhile."""
+    pids = server.pids()
+    cpu0 = procs.cpu_seconds(pids)
+    if on_go is not None:
+        on_go()
+    for job in jobs:
+        job.send("go")
+    res = _done(jobs, timeout)
+    cpu = procs.cpu_seconds(pids) - cpu0
+    if on_done is not None:
+        on_done()
+    return res, cpu
+
+
 # -- connect -----------------------------------------------------------------------------------
 def connect(server: Server, *, connections: int = 5000, concurrency: int = 128, clients: int = 2,
             on_go: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None) -> Run:
@@ -209,22 +225,13 @@ def connect(server: Server, *, connections: int = 5000, concurrency: int = 128, 
                              "concurrency": max(1, concurrency // len(sizes))}))
             offset += n
         _ready(jobs)
-        pids = server.pids()
-        cpu0 = procs.cpu_seconds(pids)
-        if on_go is not None:
-            on_go()
-        for job in jobs:
-            job.send("go")
-        res = _done(jobs, SETUP_TIMEOUT)
-        cpu1 = procs.cpu_seconds(pids)
-        if on_done is not None:
-            on_done()
+        res, cpu = _go_and_time(server, jobs, SETUP_TIMEOUT, on_go, on_done)
     ok = sum(r["ok"] for r in res)
     elapsed = max(r["end"] for r in res) - min(r["start"] for r in res)
     lat = [x for r in res for x in r["latency_us"]]
     m = {"handshakes_per_s": ok / elapsed, "ok": ok, "failed": sum(r["failed"] for r in res),
          "hs_p50_ms": percentile(lat, 50) / 1e3, "hs_p99_ms": percentile(lat, 99) / 1e3,
-         "cpu_us_per_handshake": (cpu1 - cpu0) / max(1, ok) * 1e6, "elapsed_s": elapsed}
+         "cpu_us_per_handshake": cpu / max(1, ok) * 1e6, "elapsed_s": elapsed}
     return Run(m, {"connections": connections, "concurrency": concurrency,
                    "errors": [e for r in res for e in r["errors"]][:5]})
 
@@ -271,20 +278,11 @@ def ping(server: Server, *, connections: int = 100, duration: float = 5.0, clien
                              "total": connections, "secret": server.jwt_secret, "duration": duration}))
             offset += n
         _ready(jobs)
-        pids = server.pids()
-        cpu0 = procs.cpu_seconds(pids)
-        if on_go is not None:
-            on_go()
-        for job in jobs:
-            job.send("go")
-        res = _done(jobs, duration)
-        cpu1 = procs.cpu_seconds(pids)
-        if on_done is not None:
-            on_done()
+        res, cpu = _go_and_time(server, jobs, duration, on_go, on_done)
     replies = sum(r["replies"] for r in res)
     elapsed = max(r["elapsed"] for r in res)
     lat = [x for r in res for x in r["latency_us"]]
     m = {"replies_per_s": replies / elapsed, "replies": replies, "bad": sum(r["bad"] for r in res),
          "rtt_p50_ms": percentile(lat, 50) / 1e3, "rtt_p99_ms": percentile(lat, 99) / 1e3,
-         "cpu_us_per_reply": (cpu1 - cpu0) / max(1, replies) * 1e6}
+         "cpu_us_per_reply": cpu / max(1, replies) * 1e6}
     return Run(m, {"connections": connections, "duration": duration})
