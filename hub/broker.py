@@ -18,15 +18,14 @@ from types import FrameType
 
 import zmq
 
-from hub.envelope import MAX_CHANNEL_BYTES, check_ingress, stamp_topic
+from hub.envelope import EPOCH_BYTES, MAX_CHANNEL_BYTES, egress_event, read_ingress
 from tidings.config import Config
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
 from tidings.sdnotify import Notifier
 
 NOBLOCK = int(zmq.NOBLOCK)  # plain ints: the enum members cost a lookup per use
-SNDMORE = int(zmq.SNDMORE)
-DRAIN_BATCH = 2000  # events per pass: large enough to amortise poll(), small enough to stay responsive
+DRAIN_BATCH = 2000  # messages per pass: large enough to amortise poll(), small enough to stay responsive
 TICK_SECONDS = 1.0  # metrics flush, status line, watchdog floor
 
 
@@ -40,7 +39,7 @@ class Broker:
         self.log = log
         self.notifier = notifier
         self.stats = stats
-        self.epoch = secrets.token_hex(8).encode()
+        self.epoch = secrets.token_hex(EPOCH_BYTES // 2).encode()
         self.offsets: dict[bytes, int] = {}
         self.subscribers: dict[bytes, int] = {}  # topic -> worker subscriptions the XPUB reported
         self.stopping = False
@@ -112,9 +111,8 @@ class Broker:
 
     # -- the forwarding path -------------------------------------------------------------------
     def drain_ingress(self) -> None:
-        """Up to DRAIN_BATCH events: check, stamp, forward. Frames are received as zmq.Frame
-        (`.more` is a C call, where getsockopt(RCVMORE) builds an enum each time) and the body
-        goes out again as the same Frame, uncopied."""
+        """Up to DRAIN_BATCH messages: check, stamp, forward. One recv per message (a message may
+        carry several events) and one send per event: XPUB filters whole messages by topic."""
         recv = self.ingress.recv
         send = self.egress.send
         offsets = self.offsets
@@ -124,27 +122,19 @@ class Broker:
         forwarded = 0
         for _ in range(DRAIN_BATCH):
             try:
-                head = recv(NOBLOCK, copy=False)
+                message = recv(NOBLOCK)
             except zmq.Again:
                 break
-            topic = head.bytes
-            frame = recv(copy=False) if head.more else None
-            body: memoryview | None = None
-            if frame is not None:
-                body = frame.buffer
-                while frame.more:  # more than two frames: read them all, drop
-                    frame = recv(copy=False)
-                    body = None
-            problem = check_ingress(topic, body, max_body)
+            records, problem = read_ingress(message, max_body)
             if problem is not None:
                 self.stats.hub_events_dropped[problem] += 1
                 self.drop_log.warning(time.monotonic(), "dropped an ingress message: bad %s", problem)
                 continue
-            offset = offsets.get(topic, 0) + 1
-            offsets[topic] = offset
-            send(stamp_topic(topic, offset, now, epoch), SNDMORE)
-            send(frame, copy=False)
-            forwarded += 1
+            for topic, body in records:
+                offset = offsets.get(topic, 0) + 1
+                offsets[topic] = offset
+                send(egress_event(topic, offset, now, epoch, body))
+            forwarded += len(records)
         self.stats.hub_events_in += forwarded
         self.stats.hub_ingress_queue = forwarded
 

@@ -1,21 +1,28 @@
 """The hub <-> worker wire contract. Pure: bytes in, bytes out, no sockets.
 
-Ingress (publisher -> hub, PUSH/PULL), two frames:
-    [topic, body]
+Every ZeroMQ message is a single frame: one `recv` and one `send` per message is the cheapest
+pyzmq offers (each frame of a multipart message is another Python call on both ends).
+
+Ingress (publisher -> hub, PUSH/PULL): one or more records, back to back
+    record = topic + BODY_LEN(len(body)) + body
         topic = channel UTF-8 + b"\\0". The terminator makes ZeroMQ's prefix filter exact:
                 a SUB to b"conversation:conv-1\\0" never matches b"conversation:conv-12\\0".
         body  = the event JSON the browser will receive, minus `offset` and `epoch`:
                 {"type":..,"channel":..,"data":..,"timestamp":..}. Encoded once, by the publisher.
+    Several records in one message (a broadcast, or the client publishes a worker took in one
+    loop pass) cost the hub one receive; the hub takes a message whole or drops it whole.
 
 Egress (hub -> workers, XPUB/SUB):
-    [topic + stamp, body]  an event; stamp = STAMP(offset, hub_time) + epoch (ASCII). The stamp
-                           rides in the topic frame, after the terminator, so ZeroMQ's prefix
-                           filter still matches and the body frame goes on untouched.
-    [topic]                the hub saw a new subscription to topic (sent on the XPUB after the
-                           subscription is in place, so events published later are not missed)
+    topic + STAMP(offset, hub_time, epoch) + payload
+        an event. payload = body with `offset` and `epoch` spliced in: the exact text every
+        subscriber receives, built once by the hub, not once per worker. The topic comes first,
+        so ZeroMQ's prefix filter still matches; the stamp repeats offset and epoch in binary
+        for the worker's gap check, and carries the hub's clock for latency metrics.
+    topic
+        the hub saw a new subscription to topic (sent on the XPUB after the subscription is in
+        place, so events published later are not missed).
 
-The hub never parses `body`; the worker splices offset and epoch onto it once per event
-(`client_frame_payload`) and sends those same bytes to every local subscriber.
+The hub never parses JSON: it checks the framing, counts offsets and splices.
 """
 
 from __future__ import annotations
@@ -26,13 +33,17 @@ import struct
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
 
 TOPIC_END = b"\0"
-STAMP = struct.Struct("!Qd")  # offset (per channel, from 1), hub time.time() when stamped
+BODY_LEN = struct.Struct("!I")  # ingress record: body length after the topic
+EPOCH_BYTES = 16  # the hub's epoch: 8 random bytes as hex, so it reads as a JSON string too
+STAMP = struct.Struct(f"!Qd{EPOCH_BYTES}s")  # offset (per channel, from 1), hub time.time(), epoch
 MAX_CHANNEL_BYTES = 255  # Centrifugo's max_channel_length
+MAX_TOPIC_BYTES = MAX_CHANNEL_BYTES + len(TOPIC_END)
 EVENT_TYPE = re.compile(r"[a-z][a-z0-9_.]{0,63}")
 CHANNEL = re.compile(r"[A-Za-z0-9_\-.@]+:[A-Za-z0-9_\-.@:]+")
 # Types the server itself sends: an event named like one of them would confuse every client.
@@ -71,9 +82,15 @@ def channel_of(topic: bytes) -> str:
     return topic[:-1].decode()
 
 
+@lru_cache(maxsize=4)
+def _second(seconds: int) -> str:
+    """'YYYY-MM-DDTHH:MM:SS.' of a Unix second: strftime costs ~3 us, and every event needs one."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+
+
 def iso_timestamp(now: float) -> str:
     ms = int(now * 1000)  # one truncation for both parts, so .999 never pairs with the next second
-    return datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return f"{_second(ms // 1000)}{ms % 1000:03d}Z"
 
 
 def _non_finite(value: Any) -> bool:
@@ -91,6 +108,12 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
+def event_body(channel: str, type_: str, data: Any, now: float) -> bytes:
+    """The event JSON, for a channel and type already checked and data that came out of
+    orjson.loads (so it holds no NaN and nothing JSON cannot carry)."""
+    return orjson.dumps({"type": type_, "channel": channel, "data": data, "timestamp": iso_timestamp(now)})
+
+
 def encode_event(channel: str, type_: str, data: Mapping[str, Any], now: float | None = None) -> tuple[bytes, bytes]:
     """(topic, body) for one event, checked. Raises EnvelopeError on a bad channel, type or data."""
     check_channel(channel)
@@ -99,39 +122,56 @@ def encode_event(channel: str, type_: str, data: Mapping[str, Any], now: float |
         raise EnvelopeError("data must be a JSON object")
     if _non_finite(data):
         raise EnvelopeError("data holds NaN or Infinity, which JSON cannot carry")
-    stamp_time = time.time() if now is None else now
     try:
-        body = orjson.dumps({"type": type_, "channel": channel, "data": data,
-                             "timestamp": iso_timestamp(stamp_time)})
-    except TypeError as exc:  # orjson's error for values JSON cannot hold (NaN, huge ints, objects)
+        body = event_body(channel, type_, data, time.time() if now is None else now)
+    except TypeError as exc:  # orjson's error for values JSON cannot hold (huge ints, objects)
         raise EnvelopeError(f"data is not JSON: {exc}") from None
     return topic_for(channel), body
 
 
-def check_ingress(topic: bytes, body: bytes | memoryview | None, max_body: int) -> str | None:
-    """Why an ingress message must be dropped, or None. Cheap: no JSON parsing.
-    `body` is None when the message did not have exactly two frames."""
-    if body is None:
-        return "frame count"
-    if len(topic) < 2 or topic[-1] != 0 or topic.find(TOPIC_END) != len(topic) - 1:
-        return "topic"
-    if len(body) > max_body or len(body) < 2 or body[0] != 0x7B or body[-1] != 0x7D:  # {...}
-        return "body"
-    return None
+# -- ingress ---------------------------------------------------------------------------------------
+def ingress_record(topic: bytes, body: bytes) -> bytes:
+    """One event as an ingress record; an ingress message is one or more of them joined."""
+    return topic + BODY_LEN.pack(len(body)) + body
 
 
-def stamp_topic(topic: bytes, offset: int, hub_time: float, epoch: bytes) -> bytes:
-    """The egress head frame: topic (with its terminator) + STAMP + epoch."""
-    return topic + STAMP.pack(offset, hub_time) + epoch
+def read_ingress(message: bytes, max_body: int) -> tuple[list[tuple[bytes, bytes]], str | None]:
+    """([(topic, body), ...], None) for a well-formed ingress message, else ([], what is wrong).
+    Cheap: no JSON parsing; the topic must be terminated and short, the body look like {...}."""
+    records: list[tuple[bytes, bytes]] = []
+    size = len(message)
+    pos = 0
+    index = message.find
+    while pos < size:
+        end = index(TOPIC_END, pos, pos + MAX_TOPIC_BYTES) + 1
+        if end <= pos + 1:  # no terminator within reach, or an empty topic
+            return [], "topic"
+        if end + BODY_LEN.size > size:
+            return [], "body"
+        (length,) = BODY_LEN.unpack_from(message, end)
+        start = end + BODY_LEN.size
+        stop = start + length
+        if length > max_body or length < 2 or stop > size or message[start] != 0x7B or message[stop - 1] != 0x7D:
+            return [], "body"  # not {...}, over the cap, or cut short
+        records.append((message[pos:end], message[start:stop]))
+        pos = stop
+    if not records:
+        return [], "empty"
+    return records, None
 
 
-def split_head(head: bytes) -> tuple[bytes, int, float, bytes]:
-    """(topic, offset, hub_time, epoch) from an egress head frame."""
-    end = head.index(TOPIC_END) + 1
-    offset, hub_time = STAMP.unpack_from(head, end)
-    return head[:end], offset, hub_time, head[end + STAMP.size:]
+# -- egress ----------------------------------------------------------------------------------------
+def egress_event(topic: bytes, offset: int, hub_time: float, epoch: bytes, body: bytes) -> bytes:
+    """The hub's message for one event: topic, stamp, then the exact client payload."""
+    return b'%b%b%b,"offset":%d,"epoch":"%b"}' % (
+        topic, STAMP.pack(offset, hub_time, epoch), memoryview(body)[:-1], offset, epoch)
 
 
-def client_frame_payload(body: bytes, offset: int, epoch: bytes) -> bytes:
-    """The exact text frame every subscriber receives: body with offset and epoch spliced in."""
-    return b"%s,\"offset\":%d,\"epoch\":\"%s\"}" % (body[:-1], offset, epoch)
+def split_egress(message: bytes) -> tuple[bytes, int, float, bytes, bytes] | None:
+    """(topic, offset, hub_time, epoch, client payload) of an egress event; None for a
+    subscription confirmation (the topic alone)."""
+    end = message.index(TOPIC_END) + 1
+    if end == len(message):
+        return None
+    offset, hub_time, epoch = STAMP.unpack_from(message, end)
+    return message[:end], offset, hub_time, epoch, message[end + STAMP.size:]

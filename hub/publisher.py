@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from hub.envelope import encode_event
+from hub.envelope import encode_event, ingress_record
 
 SEND_TIMEOUT_MS = 2000  # how long publish() waits for a hub that is down before raising
 LINGER_MS = 2000  # what close() waits to flush queued events before giving up on them
@@ -40,18 +40,19 @@ class Publisher:
 
     def publish(self, channel: str, type_: str, data: Mapping[str, Any]) -> None:
         """Encode once and hand to the hub. Raises EnvelopeError (bad input) or HubUnavailable."""
-        self.send_encoded(*encode_event(channel, type_, data))
+        self._send(ingress_record(*encode_event(channel, type_, data)))
 
     def broadcast(self, channels: Iterable[str], type_: str, data: Mapping[str, Any]) -> int:
-        """The same event on several channels; all are checked before any is sent."""
-        encoded = [encode_event(ch, type_, data) for ch in dict.fromkeys(channels)]
-        for topic, body in encoded:
-            self.send_encoded(topic, body)
-        return len(encoded)
+        """The same event on several channels, in one message: all are checked before any is
+        sent, and the hub takes them all or none."""
+        records = [ingress_record(*encode_event(ch, type_, data)) for ch in dict.fromkeys(channels)]
+        if records:
+            self._send(b"".join(records))
+        return len(records)
 
-    def send_encoded(self, topic: bytes, body: bytes) -> None:
+    def _send(self, message: bytes) -> None:
         try:
-            self._sock.send_multipart((topic, body))
+            self._sock.send(message)
         except zmq.Again:
             raise HubUnavailable(f"hub at {self.endpoint} did not take the event in time") from None
 

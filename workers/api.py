@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from hub.envelope import EnvelopeError, encode_event
+from hub.envelope import EnvelopeError, encode_event, ingress_record
 from tidings.metrics import render_metrics
 
 if TYPE_CHECKING:
@@ -97,13 +97,12 @@ class PublishAPI:
             return _json(413, {"ok": False, "error": "invalid_request", "message": "body too large"})
         if not self.worker.hub_up:
             return _json(503, {"ok": False, "error": "hub_unavailable", "message": "hub is not connected"})
-        sent = 0
-        for topic, payload in encoded:
-            if not self.worker.bus.push_event(topic, payload):
-                self.worker.stats.publishes_failed += len(encoded) - sent
-                return _json(503, {"ok": False, "error": "hub_unavailable", "published": sent,
-                                   "message": "hub did not take the event"})
-            sent += 1
+        # one message: the hub takes every channel of a broadcast or none of them
+        if not self.worker.bus.push_message(b"".join(ingress_record(t, b) for t, b in encoded)):
+            self.worker.stats.publishes_failed += len(encoded)
+            return _json(503, {"ok": False, "error": "hub_unavailable", "published": 0,
+                               "message": "hub did not take the event"})
+        sent = len(encoded)
         return _json(200, {"ok": True, "channels": sent})
 
     async def metrics(self, request: web.Request) -> web.Response:

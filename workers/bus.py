@@ -14,6 +14,8 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from hub.envelope import ingress_record
+
 NOBLOCK = int(zmq.NOBLOCK)
 DRAIN_BATCH = 128  # hub messages per pass: enough to coalesce writes; a bigger batch delays first deliveries
 DRAIN_BYTES = 1 << 20  # ... and at most about this many payload bytes, so a batch stays small
@@ -22,7 +24,7 @@ RECONNECT_MAX_MS = 1000  # cap on ZeroMQ's reconnect backoff: the hub is back wi
 
 class HubBus:
     def __init__(self, ingress: str, egress: str, hwm: int,
-                 on_messages: Callable[[list[tuple[bytes, bytes | None]]], None],
+                 on_messages: Callable[[list[bytes]], None],
                  on_hub_state: Callable[[bool], None]) -> None:
         self.ingress = ingress
         self.egress = egress
@@ -82,21 +84,16 @@ class HubBus:
     def _drain(self) -> None:
         self._drain_scheduled = False
         recv = self.sub.recv
-        batch: list[tuple[bytes, bytes | None]] = []
+        batch: list[bytes] = []
         append = batch.append
         size = 0
         try:
             for _ in range(DRAIN_BATCH):
-                # As zmq.Frame: `.more` is a C call, where getsockopt(RCVMORE) builds an enum.
-                head = recv(NOBLOCK, copy=False)
-                if head.more:
-                    body = recv()
-                    append((head.bytes, body))
-                    size += len(body)
-                    if size > DRAIN_BYTES:
-                        break
-                else:
-                    append((head.bytes, None))  # a subscription confirmation
+                message = recv(NOBLOCK)  # one frame per message (hub/envelope.py)
+                append(message)
+                size += len(message)
+                if size > DRAIN_BYTES:
+                    break
         except zmq.Again:
             pass
         if batch:
@@ -124,8 +121,12 @@ class HubBus:
     # -- worker -> hub -------------------------------------------------------------------------------
     def push_event(self, topic: bytes, body: bytes) -> bool:
         """Hand an event to the hub without blocking; False if the hub cannot take it now."""
+        return self.push_message(ingress_record(topic, body))
+
+    def push_message(self, message: bytes) -> bool:
+        """Hand an ingress message (one or more records) to the hub without blocking."""
         try:
-            self.push.send_multipart((topic, body), zmq.NOBLOCK)
+            self.push.send(message, NOBLOCK)
             return True
         except zmq.Again:
             return False

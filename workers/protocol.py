@@ -1,7 +1,8 @@
 """The per-connection protocol, sans I/O.
 
 Rules of this module:
-1. No sockets, no event loop, no clock of its own: time comes in as an argument, bytes come in
+1. No sockets, no event loop, no clock of its own: time comes in as an argument (the wall clock
+   that timestamps a published event is injected at construction), bytes come in
    from the glue, and what should happen goes out as `Output` values (replies to send, channels
    to join or leave, events to forward to the hub, a close).
 2. Every input either produces a reply or an `error` reply; the only exception that escapes
@@ -14,12 +15,14 @@ outputs in order.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from hub.envelope import EnvelopeError, check_channel, check_event_type, encode_event
+from hub.envelope import EnvelopeError, check_channel, check_event_type, event_body, topic_for
 from tidings.config import Config
 from workers.auth import Claims
 from workers.errors import RATE_ABUSE, Disconnect, ReplyCode, RequestError
@@ -58,7 +61,11 @@ class Forward:
     topic: bytes
     body: bytes
     ok: bytes
-    failed: bytes
+    request_id: str | None
+
+    @property
+    def failed(self) -> bytes:  # built only when needed: the hub almost always takes the event
+        return error_reply(RequestError(ReplyCode.INTERNAL_ERROR, "hub did not take the event"), self.request_id)
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs ~4x on this per-message path
@@ -178,8 +185,10 @@ def _channel(data: dict[str, Any]) -> str:
 class Session:
     """One client connection's protocol state: its claims, channels and rate buckets."""
 
-    def __init__(self, claims: Claims, connection_id: str, limits: SessionLimits, now: float) -> None:
+    def __init__(self, claims: Claims, connection_id: str, limits: SessionLimits, now: float,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.claims = claims
+        self.wall_clock = wall_clock
         self.connection_id = connection_id
         self.limits = limits
         self.channels: set[str] = set()
@@ -273,12 +282,9 @@ class Session:
                                retry_after_ms=max(1, math.ceil(wait * 1000)))
         if not hub_up:
             raise RequestError(ReplyCode.INTERNAL_ERROR, "hub unavailable, event not published")
-        try:
-            topic, body = encode_event(channel, type_, event_data, now=None)
-        except EnvelopeError as exc:
-            raise RequestError(ReplyCode.INVALID_REQUEST, str(exc)) from None
-        failed = error_reply(RequestError(ReplyCode.INTERNAL_ERROR, "hub did not take the event"), id_)
-        return [Forward(topic, body, reply("published", id_, {"channel": channel}), failed)]
+        # channel and type are checked above, and event_data came out of orjson: encode as is
+        body = event_body(channel, type_, event_data, self.wall_clock())
+        return [Forward(topic_for(channel), body, reply("published", id_, {"channel": channel}), id_)]
 
     def _refuse(self, now: float, wait: float, id_: str | None) -> list[Output]:
         self.last_result = "rate_limited"

@@ -33,7 +33,7 @@ from picows import (
     ws_create_server,
 )
 
-from hub.envelope import client_frame_payload, split_head
+from hub.envelope import split_egress
 from tidings.config import Config
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
@@ -43,7 +43,7 @@ from workers.api import PublishAPI
 from workers.auth import AuthFailure, Claims, TokenVerifier
 from workers.bus import HubBus
 from workers.channels import Channel, ChannelRegistry, PendingJoin
-from workers.connection import ClientConnection, EchoConnection, FramedConnection, RejectedConnection, frame_header
+from workers.connection import ClientConnection, EchoConnection, FramedConnection, RejectedConnection, text_frame
 from workers.errors import CloseReason, ReplyCode, RequestError
 from workers.expiry import ExpiryQueue
 from workers.protocol import Session, SessionLimits, error_reply
@@ -350,21 +350,22 @@ class Worker:
                              "until it is back", self.index)
             self.channels.hub_lost()
 
-    def on_hub_messages(self, batch: list[tuple[bytes, bytes | None]]) -> None:
-        """The fan-out hot path. Per event: splice offset/epoch and build the frame, once. Per
-        channel and batch: join its frames into one bytes object. Per subscriber: queue that same
-        object, so a subscriber costs one append and one write per batch, not per event."""
+    def on_hub_messages(self, batch: list[bytes]) -> None:
+        """The fan-out hot path. Per event: add a frame header to the payload the hub built, once.
+        Per channel and batch: join its frames into one bytes object. Per subscriber: queue that
+        same object, so a subscriber costs one append and one write per batch, not per event."""
         by_topic = self.channels.by_topic
         chunks: dict[Channel, list[bytes]] = {}
         events = 0
         hub_time = 0.0
-        for head, body in batch:
-            if body is None:  # the hub confirmed a new subscription
-                for join in self.channels.confirm(head):
+        for message in batch:
+            event = split_egress(message)
+            if event is None:  # the hub confirmed a new subscription
+                for join in self.channels.confirm(message):
                     if not join.member.closed:
                         join.member.send(join.ok)
                 continue
-            topic, offset, hub_time, epoch = split_head(head)
+            topic, offset, hub_time, epoch, payload = event
             channel = by_topic.get(topic)
             if channel is None:
                 continue
@@ -374,8 +375,7 @@ class Worker:
             channel.last_offset = offset
             channel.epoch = epoch
             events += 1
-            payload = client_frame_payload(body, offset, epoch)
-            frame = frame_header(0x1, len(payload)) + payload
+            frame = text_frame(payload)
             queued = chunks.get(channel)
             if queued is None:
                 chunks[channel] = [frame]

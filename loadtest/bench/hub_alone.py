@@ -22,7 +22,7 @@ from pathlib import Path
 
 import zmq
 
-from hub.envelope import encode_event
+from hub.envelope import encode_event, ingress_record
 
 REPO = Path(__file__).resolve().parents[2]
 HWM = 2_000_000  # nothing may drop: this measures speed, not loss
@@ -72,9 +72,9 @@ def main() -> None:
         pub.connect(f"ipc://{runtime}/ingress")
         cpu0 = _cpu_seconds(hub.pid)
         t0 = time.perf_counter()
+        message = ingress_record(topic, body)
         for _ in range(args.events):
-            pub.send(topic, zmq.SNDMORE)
-            pub.send(body)
+            pub.send(message)
         publish_rate = args.events / (time.perf_counter() - t0)
         rates = [results.get(timeout=120) for _ in subs]
         cpu = _cpu_seconds(hub.pid) - cpu0

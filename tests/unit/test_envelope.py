@@ -1,4 +1,4 @@
-"""hub/envelope.py: channel and type checks, topics, ingress checks, stamps, the client frame."""
+"""hub/envelope.py: channel and type checks, topics, ingress records, egress stamps, the client payload."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 import pytest
 
 from hub.envelope import (
+    BODY_LEN,
     DOCUMENTED_TYPES,
+    EPOCH_BYTES,
     MAX_CHANNEL_BYTES,
     RESERVED_TYPES,
     STAMP,
@@ -18,12 +20,13 @@ from hub.envelope import (
     channel_of,
     check_channel,
     check_event_type,
-    check_ingress,
-    client_frame_payload,
+    egress_event,
     encode_event,
+    event_body,
+    ingress_record,
     iso_timestamp,
-    split_head,
-    stamp_topic,
+    read_ingress,
+    split_egress,
     topic_for,
 )
 
@@ -188,63 +191,96 @@ def test_iso_timestamp_never_runs_a_second_ahead() -> None:
     assert iso_timestamp(1_700_000_000.9999996) in ("2023-11-14T22:13:20.999Z", "2023-11-14T22:13:21.000Z")
 
 
-# -- ingress checks ------------------------------------------------------------------------------------
-def test_check_ingress_accepts_an_encoded_event() -> None:
-    topic, body = encode_event("a:b", "x", {"k": 1}, now=NOW)
-    assert check_ingress(topic, body, max_body=65536) is None
-    assert check_ingress(topic, memoryview(body), max_body=65536) is None  # as the hub reads it
+# -- ingress ---------------------------------------------------------------------------------------------
+def test_read_ingress_returns_the_records_of_a_message() -> None:
+    one = encode_event("a:b", "x", {"k": 1}, now=NOW)
+    two = encode_event("conversation:conv-12", "chat_message", {"content": "}{\u0000"}, now=NOW)
+    assert read_ingress(ingress_record(*one), max_body=65536) == ([one], None)
+    message = ingress_record(*one) + ingress_record(*two)
+    assert read_ingress(message, max_body=65536) == ([one, two], None)
 
 
-@pytest.mark.parametrize(("topic", "body", "why"), [
-    (b"a:b\0", None, "frame count"),  # one frame, or more than two
-    (b"a:b", b"{}", "topic"),
-    (b"\0", b"{}", "topic"),
-    (b"", b"{}", "topic"),
-    (b"a\0b\0", b"{}", "topic"),  # a terminator inside would break the prefix filter
-    (b"a:b\0", b"", "body"),
-    (b"a:b\0", b"{", "body"),
-    (b"a:b\0", b"[]", "body"),
-    (b"a:b\0", b"{} ", "body"),
-    (b"a:b\0", b"x{}", "body"),
-    (b"a:b\0", b"{" + b"x" * 99 + b"}", "body"),  # 101 bytes, over max_body=100
+def record(topic: bytes, body: bytes, length: int | None = None) -> bytes:
+    return topic + BODY_LEN.pack(len(body) if length is None else length) + body
+
+
+@pytest.mark.parametrize(("message", "why"), [
+    (b"", "empty"),
+    (b"a:b", "topic"),  # no terminator
+    (record(b"\0", b"{}"), "topic"),  # empty topic
+    (record(b"n:" + b"x" * MAX_CHANNEL_BYTES + b"\0", b"{}"), "topic"),  # terminator out of reach
+    (b"a:b\0", "body"),  # no length
+    (b"a:b\0\0\0", "body"),  # a length cut short
+    (record(b"a:b\0", b""), "body"),
+    (record(b"a:b\0", b"{"), "body"),
+    (record(b"a:b\0", b"[]"), "body"),
+    (record(b"a:b\0", b"{} "), "body"),
+    (record(b"a:b\0", b"x{}"), "body"),
+    (record(b"a:b\0", b"{" + b"x" * 99 + b"}"), "body"),  # 101 bytes, over max_body=100
+    (record(b"a:b\0", b"{}", length=3), "body"),  # claims more than the message holds
+    (record(b"a:b\0", b"{}") + b"a:b", "topic"),  # a good record, then garbage
 ])
-def test_check_ingress_names_what_is_wrong(topic: bytes, body: bytes | None, why: str) -> None:
-    assert check_ingress(topic, body, max_body=100) == why
+def test_read_ingress_names_what_is_wrong(message: bytes, why: str) -> None:
+    assert read_ingress(message, max_body=100) == ([], why)
 
 
-def test_check_ingress_body_limit_is_inclusive() -> None:
+def test_a_bad_record_drops_the_whole_message() -> None:
+    good = ingress_record(*encode_event("a:b", "x", {}, now=NOW))
+    assert read_ingress(good + record(b"a:b\0", b"[]"), max_body=100) == ([], "body")
+
+
+def test_read_ingress_body_limit_is_inclusive() -> None:
     body = b"{" + b"x" * 98 + b"}"
     assert len(body) == 100
-    assert check_ingress(b"a:b\0", body, max_body=100) is None
-    assert check_ingress(b"a:b\0", body, max_body=99) == "body"
+    assert read_ingress(record(b"a:b\0", body), max_body=100)[1] is None
+    assert read_ingress(record(b"a:b\0", body), max_body=99) == ([], "body")
 
 
-# -- stamps and the client frame -------------------------------------------------------------------------
+def test_longest_channel_fits_in_a_record() -> None:
+    topic = topic_for("n:" + "x" * (MAX_CHANNEL_BYTES - 2))
+    assert read_ingress(record(topic, b"{}"), max_body=100) == ([(topic, b"{}")], None)
+
+
+# -- egress: stamps and the client payload -----------------------------------------------------------------
+EPOCH = b"3f2a9c0d1e5b7a88"
+
+
 @pytest.mark.parametrize("offset", [1, 17, 2**64 - 1])
-def test_stamp_round_trip(offset: int) -> None:
-    epoch = b"3f2a9c0d1e5b"
-    head = stamp_topic(b"conversation:conv-1\0", offset, NOW, epoch)
-    assert len(head) == len(b"conversation:conv-1\0") + STAMP.size + len(epoch)
-    assert head.startswith(b"conversation:conv-1\0")  # so a SUB to the topic still matches
-    assert split_head(head) == (b"conversation:conv-1\0", offset, NOW, epoch)
+def test_egress_round_trip(offset: int) -> None:
+    topic, body = encode_event("conversation:conv-1", "x", {}, now=NOW)
+    message = egress_event(topic, offset, NOW, EPOCH, body)
+    assert message.startswith(b"conversation:conv-1\0")  # so a SUB to the topic still matches
+    assert len(message) == len(topic) + STAMP.size + len(body) + len(f',"offset":{offset},"epoch":""') + EPOCH_BYTES
+    got_topic, got_offset, hub_time, epoch, payload = split_egress(message)  # type: ignore[misc]
+    assert (got_topic, got_offset, hub_time, epoch) == (topic, offset, NOW, EPOCH)
+    assert json.loads(payload)["offset"] == offset
 
 
-def test_stamp_refuses_negative_offsets() -> None:
+def test_a_topic_alone_is_a_subscription_confirmation() -> None:
+    assert split_egress(b"conversation:conv-1\0") is None
+
+
+def test_egress_refuses_negative_offsets() -> None:
     with pytest.raises(struct.error):
-        stamp_topic(b"a:b\0", -1, NOW, b"e")
+        egress_event(b"a:b\0", -1, NOW, EPOCH, b"{}")
 
 
-def test_client_frame_payload_is_the_event_plus_offset_and_epoch() -> None:
+def test_client_payload_is_the_event_plus_offset_and_epoch() -> None:
     data = {"conversation_id": "conv-123", "content": "Hello \"there\" \u00e9\u2603 }"}
-    _, body = encode_event("conversation:conv-123", "chat_message", data, now=NOW)
-    frame = client_frame_payload(body, 17, b"ab12cd34")
-    message = json.loads(frame)
+    topic, body = encode_event("conversation:conv-123", "chat_message", data, now=NOW)
+    payload = split_egress(egress_event(topic, 17, NOW, EPOCH, body))[4]  # type: ignore[index]
+    message = json.loads(payload)
     assert message == {"type": "chat_message", "channel": "conversation:conv-123", "data": data,
-                       "timestamp": "2025-11-27T22:47:51.123Z", "offset": 17, "epoch": "ab12cd34"}
+                       "timestamp": "2025-11-27T22:47:51.123Z", "offset": 17, "epoch": EPOCH.decode()}
     assert list(message)[-2:] == ["offset", "epoch"]
-    assert frame.decode("utf-8")  # a valid text frame
+    assert payload.decode("utf-8")  # a valid text frame
 
 
-def test_client_frame_payload_with_empty_event_data() -> None:
-    _, body = encode_event("a:b", "x", {}, now=NOW)
-    assert json.loads(client_frame_payload(body, 1, b"e"))["data"] == {}
+def test_client_payload_with_empty_event_data() -> None:
+    topic, body = encode_event("a:b", "x", {}, now=NOW)
+    assert json.loads(split_egress(egress_event(topic, 1, NOW, EPOCH, body))[4])["data"] == {}  # type: ignore[index]
+
+
+def test_event_body_matches_encode_event() -> None:
+    data = {"k": [1, 2.5, None, "é"]}
+    assert event_body("a:b", "x", data, NOW) == encode_event("a:b", "x", data, now=NOW)[1]
