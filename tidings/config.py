@@ -75,6 +75,8 @@ class Config:
     max_connections: int = _setting(100_000, "connections per worker before new ones get close 4100")
     max_connections_per_user: int = _setting(100, "connections per `sub` per worker before close 4101")
     max_pending_bytes: int = _setting(1 << 20, "unsent bytes a connection may queue before it is aborted")
+    send_buffer_bytes: int = _setting(65536, "SO_SNDBUF per connection (the kernel doubles it): bounds the kernel "
+                                             "memory a stalled reader pins; 0 leaves it to autotuning (up to 4 MiB)")
     rate_limit: float = _setting(100.0, "commands per second per connection (token bucket refill)")
     rate_burst: int = _setting(200, "commands a connection may send at once")
     publish_rate_limit: float = _setting(20.0, "publishes per second per connection")
@@ -143,6 +145,8 @@ class Config:
             raise ConfigError("TIDINGS_LOG_FORMAT must be text or json")
         if self.workers < 1:
             raise ConfigError("TIDINGS_WORKERS must be at least 1")
+        if self.send_buffer_bytes < 0:
+            raise ConfigError(f"{env_name('send_buffer_bytes')} must be 0 (kernel autotuning) or more")
         for name in ("max_message_bytes", "max_subscriptions", "max_pending_bytes", "rate_burst",
                      "publish_burst", "max_connections", "max_connections_per_user"):
             if getattr(self, name) < 1:

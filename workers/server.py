@@ -19,6 +19,7 @@ import random
 import resource
 import secrets
 import signal
+import socket
 import time
 import urllib.parse
 from collections import Counter
@@ -107,6 +108,11 @@ class Worker:
             disconnect_on_exception=True,
             use_aiofastnet=self.config.fast_transport,
         )
+        if self.config.send_buffer_bytes:
+            # Accepted sockets inherit SO_SNDBUF (and the lock that turns autotuning off) from the
+            # listener: a stalled reader then pins ~2x this in the kernel, not tcp_wmem's 4 MiB.
+            for sock in self.server.sockets:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
         if self.config.api_port:
             self.api = PublishAPI(self)
             await self.api.start(self.config.api_host, self.config.api_port)
