@@ -14,8 +14,6 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from hub.envelope import ingress_record
-
 NOBLOCK = int(zmq.NOBLOCK)
 DRAIN_BATCH = 128  # hub messages per pass: enough to coalesce writes; a bigger batch delays first deliveries
 DRAIN_BYTES = 1 << 20  # ... and at most about this many payload bytes, so a batch stays small
@@ -119,10 +117,6 @@ class HubBus:
             self.loop.call_soon(self._drain_monitor)
 
     # -- worker -> hub -------------------------------------------------------------------------------
-    def push_event(self, topic: bytes, body: bytes) -> bool:
-        """Hand an event to the hub without blocking; False if the hub cannot take it now."""
-        return self.push_message(ingress_record(topic, body))
-
     def push_message(self, message: bytes) -> bool:
         """Hand an ingress message (one or more records) to the hub without blocking."""
         try:

@@ -5,7 +5,7 @@ extension), text must be valid UTF-8, a continuation must follow an unfinished m
 message spread over frames is capped as a whole, and a peer's close code must be valid.
 `FramedConnection` enforces them once for every endpoint and hands whole messages to
 `on_message`. Outbound frames never go through picows' send: the worker queues prebuilt frame
-bytes per connection and writes each connection's queue once per loop pass (see `Worker.flush`).
+bytes per connection and writes each connection's queue once per loop pass (`LoopPassWriter`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
+from hub.envelope import ingress_record
 from workers import errors
 from workers.errors import CloseReason, Disconnect, ReplyCode, RequestError
 from workers.protocol import Close, Forward, Join, Leave, Output, Send, Session, error_reply
@@ -193,18 +194,19 @@ class FramedConnection(WSListener):
     def send(self, payload: bytes) -> None:
         """Queue one text frame; it leaves with everything else queued in this loop pass."""
         if not self.closed:
-            self.worker.enqueue(self, text_frame(payload))
+            self.worker.writer.frame(self, text_frame(payload))
 
     def close(self, reason: CloseReason, reply: bytes | None = None, echo: bool = False) -> None:
         """Flush what is queued, send `reply`, then the close frame (or abort), and disconnect."""
         if self.closed or self.transport is None:
             return
+        writer = self.worker.writer
         if not reason.graceful:
-            self.worker.pending.pop(self, None)  # an aborted peer gets nothing more
+            writer.drop(self)  # an aborted peer gets nothing more
         else:
             if reply is not None:
-                self.worker.enqueue(self, text_frame(reply))
-            self.worker.flush_one(self)
+                writer.frame(self, text_frame(reply))
+            writer.flush_one(self)
         self.closed = True
         self.close_code = reason.code
         if not reason.graceful:
@@ -226,7 +228,7 @@ class FramedConnection(WSListener):
 
     def send_ping(self, now: float) -> None:
         if self.transport is not None and not self.closed:
-            self.worker.flush_one(self)
+            self.worker.writer.flush_one(self)
             self.transport.send_ping()
             self.ping_sent_at = now
 
@@ -262,34 +264,30 @@ class ClientConnection(FramedConnection):
         result = self.carry_out(outputs, session.last_result)
         if result == "rate_limited":
             stats.rate_limited += 1
-        stats.commands[(session.last_type, result)] += 1
+        if result != "queued":  # a queued publish is counted when its hub message leaves
+            stats.commands[(session.last_type, result)] += 1
         return None
 
     def carry_out(self, outputs: list[Output], result: str = "ok") -> str:
-        """Do what the session decided; returns `result`, or "error" if the hub refused a publish."""
-        if len(outputs) == 1 and type(outputs[0]) is Send:  # most commands: one reply, nothing else
-            self.send(outputs[0].payload)
-            return result
+        """Do what the session decided; returns `result`, or "queued" for a publish whose reply
+        waits for the end of the loop pass (see LoopPassWriter)."""
         worker = self.worker
         for out in outputs:
-            if type(out) is Send:
+            kind = type(out)
+            if kind is Send:  # most commands: one reply, nothing else
                 self.send(out.payload)
-            elif type(out) is Join:
-                ready = worker.channels.join(self, out.channel, out.ok, out.failed, self.last_seen,
-                                             worker.config.subscribe_timeout)
+            elif kind is Forward:
+                if not self.closed:
+                    worker.writer.publish(self, ingress_record(out.topic, out.body), out)
+                result = "queued"
+            elif kind is Join:
+                ready = worker.join(self, out, self.last_seen)
                 if ready is not None:
                     self.send(ready)
-            elif type(out) is Leave:
-                for waiting in worker.channels.leave(self, out.channel, self.last_seen):
+            elif kind is Leave:
+                for waiting in worker.leave(self, out.channel, self.last_seen):
                     self.send(waiting.ok)  # its subscribe is answered before the unsubscribe
-            elif type(out) is Forward:
-                if worker.bus.push_event(out.topic, out.body):
-                    self.send(out.ok)
-                else:
-                    worker.stats.publishes_failed += 1
-                    result = "error"
-                    self.send(out.failed)
-            elif type(out) is Close:
+            elif kind is Close:
                 self._close_for(out.error)
         return result
 
@@ -334,7 +332,7 @@ class EchoConnection(FramedConnection):
 
     def on_message(self, msg_type: WSMsgType, payload: bytes) -> None:
         opcode = 0x1 if msg_type is TEXT else 0x2
-        self.worker.enqueue(self, frame_header(opcode, len(payload)) + payload)
+        self.worker.writer.frame(self, frame_header(opcode, len(payload)) + payload)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closed = True

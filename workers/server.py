@@ -5,8 +5,8 @@ serve    -> one housekeeping tick a second (expiry, idle pings, hub releases, me
 shutdown -> SIGTERM: stop accepting, close clients with 1001 spread over the drain window,
             abort what is left, exit 0.  SIGHUP: reload keys and origins.
 
-The fan-out path: `on_hub_messages` turns each event into frame bytes once, queues the same
-bytes for every local subscriber, and `flush` writes each connection's queue in one write.
+The fan-out path: `on_hub_messages` turns each event into frame bytes once and queues the same
+bytes for every local subscriber; the `LoopPassWriter` writes each connection's queue in one write.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from workers.channels import Channel, ChannelRegistry, PendingJoin
 from workers.connection import ClientConnection, EchoConnection, FramedConnection, RejectedConnection, text_frame
 from workers.errors import CloseReason, ReplyCode, RequestError
 from workers.expiry import ExpiryQueue
-from workers.protocol import Session, SessionLimits, error_reply
+from workers.protocol import Join, Session, SessionLimits, error_reply
+from workers.writer import LoopPassWriter
 
 TICK_SECONDS = 1.0  # housekeeping period: expiry precision and metrics freshness
 IDLE_SWEEP_SECONDS = 5.0  # how often every connection's idle time is looked at
@@ -76,8 +77,8 @@ class Worker:
         self.expiry = ExpiryQueue()
         self.ids = itertools.count(1)
         self.boot = secrets.token_hex(2)
-        self.pending: dict[FramedConnection, list[bytes]] = {}
-        self.flush_scheduled = False
+        self.writer = LoopPassWriter(self.loop, self.bus.push_message, config.max_pending_bytes,
+                                     self.drop_slow, self.on_publishes)
         self.hub_up = False
         self.ready = False
         self.stopping = False
@@ -329,7 +330,7 @@ class Worker:
         return None
 
     def connection_lost(self, conn: FramedConnection) -> None:
-        self.pending.pop(conn, None)
+        self.writer.drop(conn)
         if not isinstance(conn, ClientConnection) or conn not in self.connections:
             return
         del self.connections[conn]
@@ -344,6 +345,14 @@ class Worker:
         self.expiry.forget()
         if self.stopping and not self.connections:
             self._finish_shutdown()  # everyone is gone before the window ended
+
+    def join(self, conn: ClientConnection, join: Join, now: float) -> bytes | None:
+        """conn joins a channel: the reply to send now, or None when it waits for the hub."""
+        return self.channels.join(conn, join.channel, join.ok, join.failed, now, self.config.subscribe_timeout)
+
+    def leave(self, conn: ClientConnection, channel: str, now: float) -> list[PendingJoin]:
+        """conn leaves a channel: its joins still waiting for the hub, to answer first."""
+        return self.channels.leave(conn, channel, now)
 
     # == hub ==================================================================================
     def on_hub_state(self, up: bool) -> None:
@@ -388,25 +397,17 @@ class Worker:
             else:
                 queued.append(frame)
         if not events:
-            self.flush()
+            self.writer.flush()
             return
-        pending = self.pending
-        get = pending.get
+        fan_out = self.writer.fan_out
         deliveries = 0
         for channel, frames in chunks.items():
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            members = channel.members
-            for conn in members:
-                queued = get(conn)
-                if queued is None:
-                    pending[conn] = [data]
-                else:
-                    queued.append(data)
-            deliveries += len(members) * len(frames)
+            fan_out(channel.members, frames[0] if len(frames) == 1 else b"".join(frames))
+            deliveries += len(channel.members) * len(frames)
         self.stats.events_in += events
         self.stats.deliveries += deliveries
         self.stats.latency_samples.append(max(0.0, time.time() - hub_time))
-        self.flush()
+        self.writer.flush()
 
     def _gap(self, channel: str, last: int, offset: int) -> None:
         missed = offset - last - 1 if offset > last else 1
@@ -414,43 +415,13 @@ class Worker:
         self.gap_log.warning(self.loop.time(), "missed %d event(s) on %s (offset %d after %d): "
                              "this worker fell behind the hub's high-water mark", missed, channel, offset, last)
 
-    # == the write side ========================================================================
-    def enqueue(self, conn: FramedConnection, frame: bytes) -> None:
-        queued = self.pending.get(conn)
-        if queued is None:
-            self.pending[conn] = [frame]
-            if not self.flush_scheduled:
-                self.flush_scheduled = True
-                self.loop.call_soon(self.flush)
-        else:
-            queued.append(frame)
+    def on_publishes(self, count: int, taken: bool) -> None:
+        """A loop pass's client publishes left for the hub in one message, or were refused."""
+        self.stats.commands[("publish", "ok" if taken else "error")] += count
+        if not taken:
+            self.stats.publishes_failed += count
 
-    def flush(self) -> None:
-        """Write every connection's queued frames in one write each, enforcing the pending cap."""
-        self.flush_scheduled = False
-        pending = self.pending
-        if not pending:
-            return
-        self.pending = {}
-        limit = self.config.max_pending_bytes
-        for conn, frames in pending.items():
-            if conn.closed:
-                continue
-            raw = conn.raw
-            # What the kernel has not taken yet: over the cap, this reader is not keeping up.
-            # (This pass's own bytes do not count, so one large batch never drops a healthy
-            # reader; the bus bounds a batch's size.)
-            if raw.get_write_buffer_size() > limit:
-                self._drop_slow(conn)
-                continue
-            raw.write(frames[0] if len(frames) == 1 else b"".join(frames))
-
-    def flush_one(self, conn: FramedConnection) -> None:
-        frames = self.pending.pop(conn, None)
-        if frames and not conn.closed:
-            conn.raw.write(b"".join(frames))
-
-    def _drop_slow(self, conn: FramedConnection) -> None:
+    def drop_slow(self, conn: FramedConnection) -> None:
         self.stats.slow_consumer_drops += 1
         self.log.warning("aborting %s: slow consumer, over %d bytes pending",
                          conn.describe(), self.config.max_pending_bytes)

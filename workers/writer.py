@@ -1,0 +1,128 @@
+"""What one loop pass sends: frames per connection, and client publishes for the hub.
+
+Everything queued while the event loop handles a batch of I/O leaves together at the end of the
+pass (one `call_soon`, no timer): each connection's frames in one `write`, and every client
+`publish` of the pass in one ZeroMQ message to the hub. Under load a pass holds many frames and
+publishes, so the syscalls and ZeroMQ calls are paid per pass, not per message; at a low rate a
+pass holds one of each and nothing waits.
+
+A publish's reply (`published`, or `internal_error` if the hub refuses the message) takes its
+place in the connection's queue when the publish is queued, and is filled in when the hub
+message leaves, just before the frames are written: replies stay in the order of the commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from workers.connection import text_frame
+
+
+class Writable(Protocol):
+    closed: bool
+    raw: Any  # the transport under picows: `write`, `get_write_buffer_size`
+
+
+class PublishReplies(Protocol):
+    ok: bytes  # the reply when the hub took the message
+
+    @property
+    def failed(self) -> bytes: ...  # the reply when it did not
+
+
+class LoopPassWriter:
+    def __init__(self, loop: asyncio.AbstractEventLoop, push_message: Callable[[bytes], bool],
+                 max_pending_bytes: int, on_slow: Callable[[Any], None],
+                 on_publishes: Callable[[int, bool], None]) -> None:
+        self.loop = loop
+        self.push_message = push_message  # hands one ingress message to the hub, False if refused
+        self.max_pending_bytes = max_pending_bytes
+        self.on_slow = on_slow  # a connection over max_pending_bytes: the caller aborts it
+        self.on_publishes = on_publishes  # (count, taken by the hub): for metrics
+        self.pending: dict[Any, list[bytes]] = {}
+        self.records: list[bytes] = []  # ingress records of this pass's client publishes
+        self.replies: list[tuple[list[bytes], int, PublishReplies]] = []  # (queue, slot, replies)
+        self.scheduled = False
+
+    # -- queueing ----------------------------------------------------------------------------
+    def frame(self, conn: Writable, frame: bytes) -> None:
+        """Queue one complete frame for conn."""
+        queued = self.pending.get(conn)
+        if queued is None:
+            self.pending[conn] = [frame]
+            self._schedule()
+        else:
+            queued.append(frame)
+
+    def fan_out(self, members: Iterable[Writable], data: bytes) -> None:
+        """Queue the same bytes for every member: one append each, no copy."""
+        pending = self.pending
+        get = pending.get
+        for conn in members:
+            queued = get(conn)
+            if queued is None:
+                pending[conn] = [data]
+            else:
+                queued.append(data)
+        self._schedule()
+
+    def publish(self, conn: Writable, record: bytes, replies: PublishReplies) -> None:
+        """Queue an ingress record for the hub and reserve conn's reply slot."""
+        queued = self.pending.get(conn)
+        if queued is None:
+            queued = self.pending[conn] = []
+        queued.append(b"")  # the reply goes here once the hub message has left
+        self.records.append(record)
+        self.replies.append((queued, len(queued) - 1, replies))
+        self._schedule()
+
+    def drop(self, conn: Writable) -> None:
+        """Forget conn's queue (it is being aborted, or has gone)."""
+        self.pending.pop(conn, None)
+
+    def _schedule(self) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush)
+
+    # -- sending -----------------------------------------------------------------------------
+    def _send_publishes(self) -> None:
+        records, replies = self.records, self.replies
+        if not records:
+            return
+        self.records, self.replies = [], []
+        taken = self.push_message(records[0] if len(records) == 1 else b"".join(records))
+        for queued, slot, reply in replies:
+            queued[slot] = text_frame(reply.ok if taken else reply.failed)
+        self.on_publishes(len(records), taken)
+
+    def flush(self) -> None:
+        """Send the pass's publishes, then write every connection's queue in one write each,
+        aborting a connection whose unsent bytes are over the cap."""
+        self.scheduled = False
+        self._send_publishes()
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = {}
+        limit = self.max_pending_bytes
+        for conn, frames in pending.items():
+            if conn.closed:
+                continue
+            raw = conn.raw
+            # What the kernel has not taken yet: over the cap, this reader is not keeping up.
+            # (This pass's own bytes do not count, so one large batch never drops a healthy
+            # reader; the bus bounds a batch's size.)
+            if raw.get_write_buffer_size() > limit:
+                self.on_slow(conn)
+                continue
+            raw.write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def flush_one(self, conn: Writable) -> None:
+        """Write conn's queue now (before a close or a ping goes out on picows' own path)."""
+        self._send_publishes()
+        frames = self.pending.pop(conn, None)
+        if frames and not conn.closed:
+            conn.raw.write(b"".join(frames))
