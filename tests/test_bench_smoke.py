@@ -1,6 +1,7 @@
 """Smoke test of the benchmark suite (loadtest/bench): every scenario at tiny sizes.
 
-Runs against a real tidings (TidingsService: hub + 2 workers) and the suite's naive baseline.
+Runs against a real tidings (TidingsService: hub + 2 workers) and the suite's naive baseline
+(notify and hub_alone: tidings only).
 It checks that each scenario completes with 0 loss and reports sane numbers; it never checks
 speed (timing thresholds on a shared 2-core box would only make the test flaky).
 """
@@ -93,6 +94,59 @@ def test_hub(server: Server) -> None:
     assert m["events_per_s"] > 0
 
 
+def test_chat(server: Server) -> None:
+    run = scenarios.chat(server, connections=40, events=200, window=16, clients=2, probe_every=5)
+    m = run.metrics
+    assert run.notes["channels"] == 20 and run.notes["clients"] == 2
+    # every event reaches both members of its channel, the publishing one included
+    assert m["events"] == 200 and m["expected"] == 400 and m["delivered"] == 400
+    assert m["loss"] == 0 and m["extra"] == 0 and m["order_errors"] == 0
+    assert m["unacked"] == 0 and m["other_frames"] == 0
+    assert m["deliveries_per_s"] > 0 and m["events_per_s"] > 0
+    assert finite(m["lat_p50_ms"], m["lat_p99_ms"], m["cpu_us_per_event"], m["cpu_us_per_delivery"])
+    assert 100 < m["frame_bytes"] < 400
+    # 8 probes (every 5th of each job's 20 connections), 10 events on each probe's channel
+    assert run.notes["latency_samples"] == 8 * 10
+
+
+def test_chat_paced(server: Server) -> None:
+    run = scenarios.chat(server, connections=40, rate=200, duration=1.0, clients=2, probe_every=5)
+    m = run.metrics
+    assert m["rate_events_per_s"] == 200 and m["events"] == 200 and m["delivered"] == 400
+    assert m["loss"] == 0 and m["extra"] == 0 and m["order_errors"] == 0 and m["unacked"] == 0
+    assert finite(m["cpu_us_per_event"], m["lat_p50_ms"], m["lat_p99_ms"], m["lat_max_ms"])
+    assert run.notes["rate"] == 200 and not run.notes["stalled"]
+
+
+def test_notify(tidings: Server) -> None:
+    run = scenarios.notify(tidings, connections=40, events=400, window=16, publishers=2, probe_every=5)
+    m = run.metrics
+    assert run.notes["publishers"] == 2
+    assert m["events"] == 400 and m["delivered"] == 400 and m["expected"] == 400
+    assert m["loss"] == 0 and m["extra"] == 0 and m["order_errors"] == 0
+    assert m["events_per_s"] > 0 and finite(m["cpu_us_per_event"], m["lat_p50_ms"], m["lat_p99_ms"])
+    assert run.notes["latency_samples"] == 8 * 10  # 8 probes (every 5th of 2 x 20), 10 events each
+
+
+def test_notify_needs_a_hub(baseline: Server) -> None:
+    with pytest.raises(ValueError, match=r"hub\.Publisher"):
+        scenarios.notify(baseline, connections=4, events=4)
+
+
+def test_hub_alone_from_the_cli(tmp_path: Path) -> None:
+    """The scenario starts its own hub; the CLI runs it without starting a server tree."""
+    out = tmp_path / "results"
+    assert bench.main(["hub_alone", "--hub-events", "3000", "--runs", "1", "--out", str(out)]) == 0
+    [raw] = out.glob("hub_alone-*.json")
+    [case] = orjson.loads(raw.read_bytes())["cases"]
+    assert case["server"] == "tidings" and case["error"] is None
+    m = case["runs"][0]["metrics"]
+    assert m["events"] == 3000 and m["publisher_per_s"] > 0 and m["subscriber_per_s"] > 0
+    assert finite(m["hub_cpu_us_per_event"])
+    # a short run may take less than one 10 ms clock tick of hub CPU: nan then, never infinity
+    assert m["hub_events_per_cpu_s"] is None or m["hub_events_per_cpu_s"] > 0
+
+
 def test_cli_writes_results_and_plots(tmp_path: Path) -> None:
     """The command line end to end (baseline only, to stay quick), then RESULTS.md and plots."""
     out = tmp_path / "results"
@@ -107,7 +161,14 @@ def test_cli_writes_results_and_plots(tmp_path: Path) -> None:
     # the report from hand-made cases: both servers, every scenario's table, the two plots
     cases = [report.Case("fanout", f"subscribers={s} via=socket", k, {"subscribers": s, "via": "socket"},
                          [scenarios.Run({"deliveries_per_s": v * s, "loss": 0, "events_per_s": v})])
-             for k, v in (("baseline", 300.0), ("tidings", 900.0)) for s in (1000, 5000)]
+             for k, v in (("baseline", 300.0), ("tidings", 1500.0)) for s in (1000, 5000)]
+    # chat beats the baseline but lost events: its targets are not met
+    cases += [report.Case("chat", "connections=2000", k, {"connections": 2000},
+                          [scenarios.Run({"deliveries_per_s": d, "loss": loss, "cpu_us_per_event": 20.0})])
+              for k, d, loss in (("baseline", 1e5, 0), ("tidings", 2e5, 3))]
+    # notify has no baseline: an absolute target
+    cases += [report.Case("notify", "connections=5000", "tidings", {"connections": 5000},
+                          [scenarios.Run({"events_per_s": 70_000.0, "loss": 0})])]
     cases += [report.Case("latency", "subscribers=5000 load=0.5", k, {"subscribers": 5000},
                           [scenarios.Run({"deliveries_per_s": 1e5, "lat_p50_ms": 1.0, "lat_p99_ms": p99,
                                           "lat_max_ms": 9.0})]) for k, p99 in (("baseline", 5.0), ("tidings", 3.0))]
@@ -116,6 +177,10 @@ def test_cli_writes_results_and_plots(tmp_path: Path) -> None:
     bench.write_results(cases, args, {"command": "python -m loadtest.bench all", "date": "today",
                                       "machine": report.machine()})
     text = (tmp_path / "R.md").read_text()
-    assert "| fan-out 1000 subs: >= 3x baseline, 0 loss | deliveries_per_s | 300,000 | 900,000 | 3.00 | yes |" in text
+    assert "| fan-out 1000 subs: >= 5x baseline, 0 loss | deliveries_per_s | 300,000 | 1,500,000 | 5.00 | yes |" in text
+    assert ("| chat 2000 conns / 1000 channels: >= baseline, 0 loss | deliveries_per_s | 100,000 | 200,000 | 2.00 "
+            "| **no** |") in text
+    assert "| notify 5000 users: >= 60k events/s, 0 loss | events_per_s | - | 70,000 | - | yes |" in text
+    assert "## Targets\n" in text
     assert (tmp_path / "plots" / "fanout_deliveries.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "latency_vs_load.png").stat().st_size > 1000

@@ -16,6 +16,10 @@ Jobs:
                subscriber, read from the shared progress counters) or at a fixed rate.
   connect      N handshakes, each with its own JWT, `concurrency` at a time.
   ping         N connections in a closed ping -> pong loop for a fixed time.
+  chat         N connections in pairs, one channel per pair; one member of each pair publishes
+               over its own socket (`publish`), round-robin over the channels, windowed on the
+               `published` replies or at a fixed rate; both members count every event. Self-
+               contained: it knows its own expected count and needs no shared progress.
 """
 
 from __future__ import annotations
@@ -147,7 +151,7 @@ async def _child(spec: dict[str, Any], conn: Connection, progress: Any) -> None:
     ctl = Control(conn)
     kind = spec["kind"]
     runner = {"subscribers": SubscribersJob, "publisher": PublisherJob,
-              "connect": ConnectJob, "ping": PingJob}[kind](spec, progress)
+              "connect": ConnectJob, "ping": PingJob, "chat": ChatJob}[kind](spec, progress)
     try:
         await runner.setup()
         ctl.send("ready", runner.ready_info())
@@ -245,6 +249,7 @@ class Probe(Setup):
     last_offset: int
     errors: int
     bytes: int
+    event_type: str
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         now = time.monotonic_ns()
@@ -255,7 +260,7 @@ class Probe(Setup):
         self.bytes += frame.payload_size
         ev = orjson.loads(frame.get_payload_as_memoryview())
         data = ev.get("data")
-        if ev.get("type") != EVENT_TYPE or not isinstance(data, dict):
+        if ev.get("type") != self.event_type or not isinstance(data, dict):
             self.errors += 1
             return
         self.lat.append((now - data["ts"]) / 1e3)  # µs
@@ -278,7 +283,9 @@ class SubscribersJob:
     async def setup(self) -> None:
         s = self.spec
         channels: list[str] = s["channels"]
-        urls = [s["url"] + mint(s["secret"], f"bench-s{s['index']}-{i}", ["bench:*"], [])
+        # the user is `sub_prefix + i`: a backend addresses connection i as user:<that>
+        prefix = s.get("sub_prefix", f"bench-s{s['index']}-")
+        urls = [s["url"] + mint(s["secret"], f"{prefix}{i}", ["bench:*"] if channels else [], [])
                 for i in range(s["n"])]
         opened, self.setup_errors, self.connect_times = await _connect_many(
             Setup, urls, s, s.get("concurrency", 100))
@@ -292,7 +299,9 @@ class SubscribersJob:
                 if reply.get("type") != "subscribed":
                     raise RuntimeError(f"subscribe {channel}: {reply}")
 
-        await asyncio.gather(*(subscribe(i, lst) for i, (_, lst) in enumerate(opened)))
+        # no channels: only the personal channel user:<sub>, which tidings joins at connect
+        if channels:
+            await asyncio.gather(*(subscribe(i, lst) for i, (_, lst) in enumerate(opened)))
         probe_every = max(1, s.get("probe_every", 50))
         for i, (t, lst) in enumerate(opened):
             lst.n = 0
@@ -300,6 +309,7 @@ class SubscribersJob:
                 lst.__class__ = Probe  # same layout, new hot path (no per-frame mode check)
                 assert isinstance(lst, Probe)
                 lst.lat, lst.last_seq, lst.last_offset, lst.errors, lst.bytes = array.array("d"), -1, 0, 0, 0
+                lst.event_type = s.get("event_type", EVENT_TYPE)
             else:
                 lst.__class__ = Counter
             self.conns.append((t, lst))
@@ -393,6 +403,7 @@ class PublisherJob:
         s = self.spec
         channels: list[str] = s["channels"]
         count, window, rate = s["count"], s["window"], s.get("rate", 0.0)
+        event_type = s.get("event_type", EVENT_TYPE)
         pad = "x" * s.get("pad", 0)
         via_hub = s["via"] == "hub"
         loop_deadline = time.monotonic() + s["timeout"]
@@ -418,12 +429,12 @@ class PublisherJob:
                 channel = channels[sent % len(channels)]
                 data = {"seq": sent // len(channels), "ts": time.monotonic_ns(), "pad": pad}
                 if via_hub:
-                    self.publisher.publish(channel, EVENT_TYPE, data)
+                    self.publisher.publish(channel, event_type, data)
                 else:
                     assert self.transport is not None
                     self.transport.send(WSMsgType.TEXT, orjson.dumps({
                         "type": "publish", "id": "p",
-                        "data": {"channel": channel, "type": EVENT_TYPE, "data": data}}))
+                        "data": {"channel": channel, "type": event_type, "data": data}}))
                 sent += 1
             await asyncio.sleep(TICK)
         published_at = time.monotonic()
@@ -534,3 +545,191 @@ class PingJob:
     def close(self) -> None:
         for t, _ in self.conns:
             t.disconnect(False)
+
+
+# -- chat: pairs of connections that publish to each other ------------------------------------
+# Both servers put "type" first in every frame (`{"type":"published",...` vs `{"type":"bench",...`),
+# so one byte tells an event from a publish reply without parsing.
+_TYPE_AT = len(b'{"type":"')
+_EVENT = ord(EVENT_TYPE[0])
+_PUBLISHED = ord("p")
+
+
+class ChatTally:
+    """Per job, shared by its connections: `published` replies (the window) and stray frames."""
+
+    __slots__ = ("acks", "other")
+
+    def __init__(self) -> None:
+        self.acks = 0
+        self.other = 0
+
+
+class ChatMember(Setup):
+    """A chat member's hot path: one byte read, one increment (events per connection, acks per job)."""
+
+    tally: ChatTally
+
+    # the constants ride in as defaults: local lookups are cheaper than globals on this path
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame, _at: int = _TYPE_AT, _event: int = _EVENT,
+                    _published: int = _PUBLISHED) -> None:
+        try:
+            kind = frame.get_payload_as_memoryview()[_at]
+        except IndexError:  # a close frame or anything too short to be ours
+            kind = 0
+        if kind == _event:
+            self.n += 1
+        elif kind == _published:
+            self.tally.acks += 1
+        else:
+            self.tally.other += 1
+
+
+class ChatProbe(ChatMember):
+    """A member that also parses its events: latency from data.ts, offsets growing per channel."""
+
+    lat: array.array[float]
+    last_offset: int
+    errors: int
+    bytes: int
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame, _at: int = _TYPE_AT, _event: int = _EVENT,
+                    _published: int = _PUBLISHED) -> None:
+        now = time.monotonic_ns()
+        payload = frame.get_payload_as_bytes()
+        if len(payload) <= _at or payload[_at] != _event:
+            ChatMember.on_ws_frame(self, transport, frame)
+            return
+        self.n += 1
+        self.bytes += len(payload)
+        ev = orjson.loads(payload)
+        data, offset = ev.get("data"), ev.get("offset")
+        if ev.get("type") != EVENT_TYPE or not isinstance(data, dict) or not isinstance(offset, int):
+            self.errors += 1
+            return
+        self.lat.append((now - data["ts"]) / 1e3)  # µs
+        # the offset is the order a client can rely on: stamped once per channel, by the server
+        if offset <= self.last_offset:
+            self.errors += 1
+        self.last_offset = offset
+
+
+class ChatJob:
+    """N connections as N/2 channels of 2 members; publishes over the members' own sockets.
+
+    Connections 2j and 2j+1 are the members of channel `pair_offset + j`; the publisher of
+    channel j is member j % 2, so that the probes (every probe_every-th connection) include
+    publishers and pure listeners. Each publish is a template with only seq and ts filled in:
+    the client shares the cores with the server."""
+
+    def __init__(self, spec: dict[str, Any], progress: Any) -> None:
+        self.spec = spec
+        self.conns: list[tuple[WSTransport, ChatMember]] = []
+        self.tally = ChatTally()
+        self.senders: list[WSTransport] = []  # per channel, the member that publishes to it
+        self.templates: list[bytes] = []  # per channel, the publish frame with %d for seq and ts
+
+    async def setup(self) -> None:
+        s = self.spec
+        if s["n"] % 2:
+            raise ValueError("chat connections come in pairs")
+        urls = [s["url"] + mint(s["secret"], f"bench-chat{s['index']}-{i}", ["bench:*"], ["bench:*"])
+                for i in range(s["n"])]
+        opened, errors, _ = await _connect_many(Setup, urls, s, s.get("concurrency", 100))
+        if errors:  # a missing member would shift every pair after it: fail, do not guess
+            raise RuntimeError(f"{len(errors)} chat connections failed: {errors[:3]}")
+        channels = [f"bench:chat-{s['pair_offset'] + j}" for j in range(len(opened) // 2)]
+        sem = asyncio.Semaphore(s.get("concurrency", 100))
+
+        async def subscribe(listener: Setup, channel: str) -> None:
+            async with sem:
+                reply = await listener.request({"type": "subscribe", "id": "s", "data": {"channel": channel}})
+                if reply.get("type") != "subscribed":
+                    raise RuntimeError(f"subscribe {channel}: {reply}")
+
+        await asyncio.gather(*(subscribe(lst, channels[i // 2]) for i, (_, lst) in enumerate(opened)))
+        pad = "x" * s.get("pad", 0)
+        for j, channel in enumerate(channels):
+            self.senders.append(opened[2 * j + j % 2][0])
+            # no "id": the reply stays short, and the client never needs to match it
+            self.templates.append(b'{"type":"publish","data":{"channel":"%s","type":"%s","data":{"pad":"%s",'
+                                  b'"seq":%%d,"ts":%%d}}}' % (channel.encode(), EVENT_TYPE.encode(), pad.encode()))
+        probe_every = max(1, s.get("probe_every", 10))
+        for i, (t, lst) in enumerate(opened):
+            lst.n = 0
+            if i % probe_every == 0:
+                lst.__class__ = ChatProbe  # same layout, new hot path
+                assert isinstance(lst, ChatProbe)
+                lst.lat, lst.last_offset, lst.errors, lst.bytes = array.array("d"), 0, 0, 0
+            else:
+                lst.__class__ = ChatMember
+            assert isinstance(lst, ChatMember)
+            lst.tally = self.tally
+            self.conns.append((t, lst))
+
+    def ready_info(self) -> dict[str, Any]:
+        return {"connected": len(self.conns), "channels": len(self.senders)}
+
+    async def run(self) -> dict[str, Any]:
+        s = self.spec
+        count, window, rate = s["count"], s["window"], s.get("rate", 0.0)
+        idle_timeout = s.get("idle_timeout", 5.0)
+        senders, templates, tally = self.senders, self.templates, self.tally
+        n_channels = len(templates)
+        listeners = [lst for _, lst in self.conns]
+        text = WSMsgType.TEXT
+        start = time.monotonic()
+        deadline = start + s["timeout"]
+        sent, stalled = 0, False
+        last_acks, last_change = 0, start
+        while sent < count:
+            now = time.monotonic()
+            acks = tally.acks
+            if acks != last_acks:
+                last_acks, last_change = acks, now
+            # a full window whose replies stop coming back: stop, the shortfall is reported
+            if now > deadline or (sent > acks and now - last_change > idle_timeout):
+                stalled = True
+                break
+            budget = min(count - sent, window - (sent - acks))
+            if rate:
+                budget = min(budget, int(rate * (now - start)) + 1 - sent)
+            for _ in range(budget):
+                j = sent % n_channels
+                senders[j].send(text, templates[j] % (sent // n_channels, time.monotonic_ns()))
+                sent += 1
+            await asyncio.sleep(TICK)
+        # the tail: until both members got every event and every publish was answered, or until
+        # nothing moves for idle_timeout (lost events never arrive)
+        target = 2 * sent
+        # summing n over the connections costs ~30 ns each: poll less often for many of them
+        interval = max(TICK, len(listeners) * 1e-6)
+        last_total, last_change = -1, time.monotonic()
+        while True:
+            total = sum(lst.n for lst in listeners)
+            now = time.monotonic()
+            if total != last_total or tally.acks != last_acks:
+                last_total, last_acks, last_change = total, tally.acks, now
+            if (total >= target and tally.acks >= sent) or now > deadline or now - last_change > idle_timeout:
+                break
+            await asyncio.sleep(interval)
+        per_conn = [lst.n for lst in listeners]
+        lat = array.array("d")
+        order_errors = frame_bytes = frames = 0
+        for lst in listeners:
+            if isinstance(lst, ChatProbe):
+                lat.extend(lst.lat)
+                order_errors += lst.errors
+                frame_bytes += lst.bytes
+                frames += lst.n
+        return {
+            "sent": sent, "acks": tally.acks, "received": sum(per_conn), "expected": target,
+            "start": start, "end": last_change, "stalled": stalled, "other_frames": tally.other,
+            "min_per_conn": min(per_conn, default=0), "max_per_conn": max(per_conn, default=0),
+            "latency_us": sample(lat), "order_errors": order_errors,
+            "frame_bytes": frame_bytes / frames if frames else 0.0,
+        }
+
+    def close(self) -> None:
+        for t, _ in self.conns:
+            t.disconnect(False)  # RST: no TIME_WAIT left behind on the client's ports

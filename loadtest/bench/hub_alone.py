@@ -1,6 +1,7 @@
 """The hub by itself: one `tidings hub`, one raw PUSH publisher, two raw SUB subscribers.
 
     python -m loadtest.bench.hub_alone [--events 300000]
+    python -m loadtest.bench hub_alone        # the same measure(), as a bench scenario
 
 No workers and no WebSocket clients, so the figure is the hub's own ceiling: events/s each
 subscriber received and the hub process's CPU time per event (from /proc, all its threads,
@@ -12,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -26,6 +30,9 @@ from hub.envelope import encode_event, ingress_record
 
 REPO = Path(__file__).resolve().parents[2]
 HWM = 2_000_000  # nothing may drop: this measures speed, not loss
+DEFAULT_EVENTS = 300_000  # a few seconds of hub time: long enough for /proc's 10 ms CPU ticks
+RESULT_TIMEOUT = 120.0  # s for the subscribers to receive everything (nothing drops: a hang is a bug)
+_CTX = mp.get_context("spawn")  # children make their own ZeroMQ context, never a forked copy
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -33,7 +40,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _subscriber(egress: str, topic: bytes, events: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _subscriber(egress: str, topic: bytes, events: int, out: Any) -> None:
     sock = zmq.Context().socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, HWM)
     sock.connect(egress)
@@ -47,21 +54,20 @@ def _subscriber(egress: str, topic: bytes, events: int, out: mp.Queue) -> None: 
     out.put(events / (time.perf_counter() - (first or time.perf_counter())))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=300_000)
-    args = parser.parse_args()
+def measure(events: int = DEFAULT_EVENTS) -> dict[str, Any]:
+    """Start a hub, push `events` through it to 2 subscribers, stop it; rates and hub CPU time."""
     runtime = tempfile.mkdtemp(prefix="tidings-hub-alone-")
     env = {**os.environ, "TIDINGS_RUNTIME_DIR": runtime, "TIDINGS_JWT_SECRET": "h" * 40,
            "TIDINGS_HUB_HWM": str(HWM)}
     hub = subprocess.Popen([sys.executable, "-m", "tidings", "hub"], env=env, cwd=REPO,
                            stderr=subprocess.DEVNULL)
-    subs: list[mp.Process] = []
+    subs: list[mp.process.BaseProcess] = []
+    pub = None
     try:
         time.sleep(1.0)
         topic, body = encode_event("bench:hub", "chat_message", {"content": "x" * 100})
-        results: mp.Queue = mp.Queue()  # type: ignore[type-arg]
-        subs = [mp.Process(target=_subscriber, args=(f"ipc://{runtime}/egress", topic, args.events, results))
+        results = _CTX.Queue()
+        subs = [_CTX.Process(target=_subscriber, args=(f"ipc://{runtime}/egress", topic, events, results))
                 for _ in range(2)]
         for p in subs:
             p.start()
@@ -73,23 +79,45 @@ def main() -> None:
         cpu0 = _cpu_seconds(hub.pid)
         t0 = time.perf_counter()
         message = ingress_record(topic, body)
-        for _ in range(args.events):
+        for _ in range(events):
             pub.send(message)
-        publish_rate = args.events / (time.perf_counter() - t0)
-        rates = [results.get(timeout=120) for _ in subs]
+        publish_rate = events / (time.perf_counter() - t0)
+        rates = [results.get(timeout=RESULT_TIMEOUT) for _ in subs]
         cpu = _cpu_seconds(hub.pid) - cpu0
-        print(json.dumps({
-            "run": "hub_alone", "events": args.events, "publisher_per_s": round(publish_rate),
-            "subscriber_per_s": [round(r) for r in rates],
-            "hub_cpu_us_per_event": round(cpu / args.events * 1e6, 2),
-            "hub_events_per_cpu_second": round(args.events / cpu) if cpu else None,
-        }))
     finally:
+        if pub is not None:
+            pub.close(0)
         for p in subs:
-            if p.is_alive():
+            if p.is_alive():  # our own children, by handle
                 p.kill()
+            p.join(5)
         hub.terminate()
-        hub.wait(10)
+        try:
+            hub.wait(10)
+        except subprocess.TimeoutExpired:
+            hub.kill()
+            hub.wait(5)
+        shutil.rmtree(runtime, ignore_errors=True)
+    return {
+        "events": events, "publisher_per_s": publish_rate, "subscriber_per_s": rates, "hub_cpu_s": cpu,
+        "hub_cpu_us_per_event": cpu / events * 1e6,
+        # nan, not infinity, when the run was too short for one clock tick of hub CPU
+        "hub_events_per_cpu_s": events / cpu if cpu > 0 else math.nan,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=DEFAULT_EVENTS)
+    args = parser.parse_args()
+    r = measure(args.events)
+    per_cpu_s = r["hub_events_per_cpu_s"]
+    print(json.dumps({
+        "run": "hub_alone", "events": r["events"], "publisher_per_s": round(r["publisher_per_s"]),
+        "subscriber_per_s": [round(x) for x in r["subscriber_per_s"]],
+        "hub_cpu_us_per_event": round(r["hub_cpu_us_per_event"], 2),
+        "hub_events_per_cpu_second": None if math.isnan(per_cpu_s) else round(per_cpu_s),
+    }))
 
 
 if __name__ == "__main__":

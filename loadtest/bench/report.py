@@ -47,6 +47,10 @@ HEADLINE = {
     "idle": ("kib_per_connection", False),
     "ping": ("replies_per_s", True),
     "hub": ("events_per_s", True),
+    "chat": ("deliveries_per_s", True),
+    "chat_paced": ("cpu_us_per_event", False),
+    "notify": ("events_per_s", True),
+    "hub_alone": ("hub_events_per_cpu_s", True),
 }
 # the extra columns printed per scenario
 COLUMNS = {
@@ -58,6 +62,12 @@ COLUMNS = {
     "idle": ["kib_per_connection", "connected", "failed", "rss_before_mib", "rss_after_mib"],
     "ping": ["replies_per_s", "bad", "rtt_p50_ms", "rtt_p99_ms", "cpu_us_per_reply"],
     "hub": ["events_per_s", "loss", "order_errors", "lat_p50_ms", "lat_p99_ms", "cpu_us_per_delivery"],
+    "chat": ["deliveries_per_s", "events_per_s", "loss", "extra", "order_errors", "lat_p50_ms", "lat_p99_ms",
+             "cpu_us_per_event", "cpu_us_per_delivery"],
+    "chat_paced": ["events_per_s", "cpu_us_per_event", "cpu_us_per_delivery", "lat_p50_ms", "lat_p99_ms",
+                   "lat_max_ms", "loss", "order_errors"],
+    "notify": ["events_per_s", "loss", "order_errors", "lat_p50_ms", "lat_p99_ms", "cpu_us_per_event"],
+    "hub_alone": ["hub_events_per_cpu_s", "hub_cpu_us_per_event", "publisher_per_s", "subscriber_per_s"],
 }
 
 

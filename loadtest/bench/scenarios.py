@@ -3,7 +3,11 @@
 A scenario starts its load-client job processes (client.py), waits until every connection is
 set up, samples the server's CPU time from /proc, says "go", collects the results, samples the
 CPU time again, and stops its jobs. Nothing here knows how the server works inside: the server
-is a process tree, a WebSocket URL, a JWT secret and (for tidings) a hub ingress endpoint.
+is a process tree, a WebSocket URL, a JWT secret and (for tidings) a hub ingress endpoint
+(hub_alone hands over to hub_alone.py, which starts and drives a hub of its own).
+
+Scenarios: fanout (and latency and hub, the same machinery), connect, idle, ping, chat (and
+chat_paced: the same at a fixed rate), notify, hub_alone.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from .servers import Server
 SETUP_TIMEOUT = 120.0  # s: 10k handshakes + subscribes on a loaded 2-core box
 RESULT_GRACE = 30.0  # s beyond a job's own deadline before the parent gives up on it
 SETTLE = 0.5  # s between runs: let the server finish closing the previous run's sockets
-EVENT_BYTES = 180  # the issue's event size; `pad` brings the baseline's frame to about this
+EVENT_BYTES = 180  # the target event size; `pad` brings the baseline's frame to about this
 _ENVELOPE_BYTES = 160  # a bench event's frame without pad, in the baseline's format
+NOTIFY_TYPE = "notification"  # what a backend sends to one user (a documented event type)
+PACED_MAX_IN_FLIGHT = 100_000  # paced runs: the rate sets the pace; this cap only stops a runaway
 
 
 @dataclass
@@ -46,6 +52,45 @@ def percentile(values: list[float], q: float) -> float:
 def _split(total: int, parts: int) -> list[int]:
     parts = max(1, min(parts, total)) if total else 1
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _apportion(total: int, weights: list[int]) -> list[int]:
+    """total in proportion to weights, in whole units that add up to total."""
+    out = [total * w // sum(weights) for w in weights]
+    for i in range(total - sum(out)):
+        out[i % len(out)] += 1
+    return out
+
+
+def _pad(channel: str, type_: str = client.EVENT_TYPE) -> int:
+    """Pad characters that bring an event on `channel` to about EVENT_BYTES on the wire."""
+    return max(0, EVENT_BYTES - _ENVELOPE_BYTES - len(channel) - (len(type_) - len(client.EVENT_TYPE)))
+
+
+class _CpuMeter:
+    """The server tree's CPU time over a timed phase: total, user/kernel split, per process."""
+
+    def __init__(self, server: Server) -> None:
+        self.pids = server.pids()
+        self.user0, self.sys0 = procs.cpu_split(self.pids)
+        self.per_pid0 = {pid: procs.cpu_seconds([pid]) for pid in self.pids}
+        self.user = self.sys = 0.0
+        self.by_process: dict[str, float] = {}
+
+    def stop(self) -> None:
+        user1, sys1 = procs.cpu_split(self.pids)
+        self.user, self.sys = user1 - self.user0, sys1 - self.sys0
+        # which process spent it (hub vs each worker): the scaling model needs the split
+        self.by_process = {procs.cmdline(pid)[-40:]: round(procs.cpu_seconds([pid]) - c, 3)
+                           for pid, c in self.per_pid0.items()}
+
+    @property
+    def total(self) -> float:
+        return self.user + self.sys
+
+    @property
+    def sys_share(self) -> float:
+        return self.sys / self.total if self.total > 0 else math.nan
 
 
 @contextlib.contextmanager
@@ -103,22 +148,16 @@ def fanout(
                    "progress_slots": [(i, n) for i, n in enumerate(sizes) if n]}, progress)
         jobs.append(pub)
         _ready([pub])
-        pids = server.pids()
-        user0, sys0 = procs.cpu_split(pids)
-        per_pid0 = {pid: procs.cpu_seconds([pid]) for pid in pids}
+        cpu = _CpuMeter(server)
         if on_go is not None:  # e.g. the profiler starts cProfile in the server's processes
             on_go()
         for job in jobs:
             job.send("go")
         p = _done([pub], timeout)[0]
         subs = _done(jobs[:-1], timeout)
-        user1, sys1 = procs.cpu_split(pids)
+        cpu.stop()
         if on_done is not None:
             on_done()
-        cpu0, cpu1 = user0 + sys0, user1 + sys1
-        # which process spent it (hub vs each worker): the scaling model needs the split
-        cpu_by_process = {procs.cmdline(pid)[-40:]: round(procs.cpu_seconds([pid]) - c, 3)
-                          for pid, c in per_pid0.items()}
     delivered = sum(s["received"] for s in subs)
     expected = sum(s["expected"] for s in subs)
     # events over the publisher's real send count: a stalled publisher is loss too
@@ -137,9 +176,9 @@ def fanout(
         "lat_p50_ms": percentile(lat, 50) / 1e3,
         "lat_p99_ms": percentile(lat, 99) / 1e3,
         "lat_max_ms": max(lat, default=math.nan) / 1e3,
-        "cpu_us_per_delivery": (cpu1 - cpu0) / max(1, delivered) * 1e6,
-        "server_cpu_s": cpu1 - cpu0,
-        "server_sys_share": (sys1 - sys0) / (cpu1 - cpu0) if cpu1 > cpu0 else math.nan,
+        "cpu_us_per_delivery": cpu.total / max(1, delivered) * 1e6,
+        "server_cpu_s": cpu.total,
+        "server_sys_share": cpu.sys_share,
         "elapsed_s": elapsed,
         "frame_bytes": sum(frame_bytes) / len(frame_bytes) if frame_bytes else math.nan,
     }
@@ -147,7 +186,7 @@ def fanout(
         m["rate_events_per_s"] = rate
     notes = {"subscribers": subscribers, "channels": channels, "events": events, "window": window,
              "via": via, "clients": len(sizes), "stalled": p["stalled"], "replies": p["replies"],
-             "latency_samples": len(lat), "cpu_s_by_process": cpu_by_process}
+             "latency_samples": len(lat), "cpu_s_by_process": cpu.by_process}
     return Run(m, notes)
 
 
@@ -286,3 +325,165 @@ def ping(server: Server, *, connections: int = 100, duration: float = 5.0, clien
          "rtt_p50_ms": percentile(lat, 50) / 1e3, "rtt_p99_ms": percentile(lat, 99) / 1e3,
          "cpu_us_per_reply": cpu / max(1, replies) * 1e6}
     return Run(m, {"connections": connections, "duration": duration})
+
+
+# -- chat and chat_paced -----------------------------------------------------------------------
+def chat(server: Server, *, connections: int = 2000, events: int = 100_000, window: int = 128,
+         rate: float = 0.0, duration: float = 5.0, clients: int = 2, probe_every: int = 10,
+         timeout: float = 120.0, on_go: Callable[[], None] | None = None,
+         on_done: Callable[[], None] | None = None) -> Run:
+    """N connections on N/2 channels of 2 members; one member of each publishes over its socket.
+
+    Windowed: at most `window` publishes (over all jobs) without their `published` reply yet.
+    With `rate` (chat_paced): rate events/s in total for `duration` s, and `events` is unused.
+    Both members of a pair live in the same job process, so each job knows what it must receive."""
+    pairs = connections // 2
+    if pairs < 1:
+        raise ValueError("chat needs at least 2 connections")
+    if rate:
+        events = max(1, round(rate * duration))
+    pair_sizes = _split(pairs, clients)
+    counts = _apportion(events, pair_sizes)
+    windows = _apportion(window, pair_sizes)
+    url = f"ws://{server.host}:{server.port}/ws?token="
+    base = {"kind": "chat", "url": url, "secret": server.jwt_secret, "total": 2 * pairs,
+            "timeout": timeout, "idle_timeout": 5.0, "probe_every": probe_every,
+            "pad": _pad(f"bench:chat-{pairs - 1}")}
+    with _jobs() as jobs:
+        offset = 0
+        for i, (n, count, win) in enumerate(zip(pair_sizes, counts, windows, strict=True)):
+            jobs.append(Job({**base, "index": i, "n": 2 * n, "pair_offset": offset, "offset": 2 * offset,
+                             "count": count, "window": PACED_MAX_IN_FLIGHT if rate else max(1, win),
+                             "rate": rate * n / pairs}))
+            offset += n
+        _ready(jobs)
+        cpu = _CpuMeter(server)
+        if on_go is not None:
+            on_go()
+        for job in jobs:
+            job.send("go")
+        res = _done(jobs, timeout)
+        cpu.stop()
+        if on_done is not None:
+            on_done()
+    sent = sum(r["sent"] for r in res)
+    delivered = sum(r["received"] for r in res)
+    expected = sum(r["expected"] for r in res)  # 2 per event sent: both members, publisher included
+    elapsed = max(1e-9, max(r["end"] for r in res) - min(r["start"] for r in res))
+    lat = [x for r in res for x in r["latency_us"]]
+    frame_bytes = [r["frame_bytes"] for r in res if r["frame_bytes"]]
+    m = {
+        "deliveries_per_s": delivered / elapsed,
+        "events_per_s": sent / elapsed,
+        "events": sent,
+        "delivered": delivered,
+        "expected": expected,
+        "loss": max(0, expected - delivered),
+        "extra": max(0, delivered - expected),
+        "order_errors": sum(r["order_errors"] for r in res),
+        "unacked": sent - sum(r["acks"] for r in res),  # publishes whose `published` never came
+        "other_frames": sum(r["other_frames"] for r in res),  # neither event nor reply: errors
+        "lat_p50_ms": percentile(lat, 50) / 1e3,
+        "lat_p99_ms": percentile(lat, 99) / 1e3,
+        "lat_max_ms": max(lat, default=math.nan) / 1e3,
+        "cpu_us_per_event": cpu.total / max(1, sent) * 1e6,
+        "cpu_us_per_delivery": cpu.total / max(1, delivered) * 1e6,
+        "server_cpu_s": cpu.total,
+        "server_sys_share": cpu.sys_share,
+        "elapsed_s": elapsed,
+        "frame_bytes": sum(frame_bytes) / len(frame_bytes) if frame_bytes else math.nan,
+    }
+    if rate:
+        m["rate_events_per_s"] = rate
+    notes = {"connections": 2 * pairs, "channels": pairs, "events": events, "clients": len(pair_sizes),
+             "stalled": any(r["stalled"] for r in res), "latency_samples": len(lat),
+             "cpu_s_by_process": cpu.by_process}
+    notes.update({"rate": rate, "duration": duration} if rate else {"window": window})
+    return Run(m, notes)
+
+
+# -- notify ------------------------------------------------------------------------------------
+def notify(server: Server, *, connections: int = 5000, events: int = 200_000, window: int = 256,
+           publishers: int = 2, probe_every: int = 10, timeout: float = 120.0,
+           on_go: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None) -> Run:
+    """N connections holding only their personal channel user:<sub>; a backend notifies each in turn.
+
+    `publishers` subscriber processes, each with its own hub.Publisher process that notifies only
+    that process's users, round-robin, with `window` notifications not yet received (read from
+    the subscriber process's shared progress slot)."""
+    if not server.has_hub or server.ingress is None:
+        raise ValueError("notify publishes through hub.Publisher: it needs tidings")
+    sizes = _split(connections, publishers)
+    per_user = max(1, events // connections)  # whole rounds: every user expects the same count
+    progress = client._CTX.Array("q", len(sizes), lock=False)
+    url = f"ws://{server.host}:{server.port}/ws?token="
+    base = {"url": url, "secret": server.jwt_secret, "timeout": timeout, "total": connections,
+            "idle_timeout": 5.0, "event_type": NOTIFY_TYPE}
+    prefixes = [f"bench-n{i}-" for i in range(len(sizes))]
+    with _jobs() as jobs:
+        offset = 0
+        for i, n in enumerate(sizes):
+            # no channels: the job subscribes nothing, tidings joins user:<sub> at connect
+            jobs.append(Job({**base, "kind": "subscribers", "index": i, "n": n, "offset": offset,
+                             "channels": [], "sub_prefix": prefixes[i], "expected_per_sub": per_user,
+                             "probe_every": probe_every, "concurrency": 200}, progress))
+            offset += n
+        infos = _ready(jobs)
+        failed = sum(info["failed"] for info in infos)
+        if failed:
+            raise RuntimeError(f"{failed} notify connections failed: {infos[0]['errors']}")
+        subs = list(jobs)
+        for i, n in enumerate(sizes):
+            users = [f"user:{prefixes[i]}{k}" for k in range(n)]
+            jobs.append(Job({**base, "kind": "publisher", "index": i, "via": "hub", "ingress": server.ingress,
+                             "channels": users, "count": per_user * n, "window": window,
+                             "pad": _pad(users[-1], NOTIFY_TYPE), "progress_slots": [(i, n)]}, progress))
+        pubs = jobs[len(subs):]
+        _ready(pubs)
+        cpu = _CpuMeter(server)
+        if on_go is not None:
+            on_go()
+        for job in jobs:
+            job.send("go")
+        p_res = _done(pubs, timeout)
+        s_res = _done(subs, timeout)
+        cpu.stop()
+        if on_done is not None:
+            on_done()
+    sent = sum(p["sent"] for p in p_res)
+    delivered = sum(s["received"] for s in s_res)
+    expected = sum(s["expected"] for s in s_res)
+    elapsed = max(1e-9, max(s["last_change"] for s in s_res) - min(p["start"] for p in p_res))
+    lat = [x for s in s_res for x in s["latency_us"]]
+    m = {
+        "events_per_s": delivered / elapsed,
+        "events": sent,
+        "delivered": delivered,
+        "expected": expected,
+        "loss": max(0, expected - delivered),  # a stalled publisher's unsent events count too
+        "extra": max(0, delivered - expected),
+        "order_errors": sum(s["order_errors"] for s in s_res),
+        "lat_p50_ms": percentile(lat, 50) / 1e3,
+        "lat_p99_ms": percentile(lat, 99) / 1e3,
+        "lat_max_ms": max(lat, default=math.nan) / 1e3,
+        "cpu_us_per_event": cpu.total / max(1, sent) * 1e6,
+        "server_cpu_s": cpu.total,
+        "server_sys_share": cpu.sys_share,
+        "elapsed_s": elapsed,
+    }
+    notes = {"connections": connections, "events": per_user * connections, "window": window,
+             "publishers": len(sizes), "stalled": any(p["stalled"] for p in p_res),
+             "latency_samples": len(lat), "cpu_s_by_process": cpu.by_process}
+    return Run(m, notes)
+
+
+# -- hub_alone ---------------------------------------------------------------------------------
+def hub_alone(*, events: int = 300_000) -> Run:
+    """The hub by itself (hub_alone.py starts its own `tidings hub`): hub events per hub CPU-second."""
+    from . import hub_alone as alone  # raw ZeroMQ and the hub's envelope: this scenario only
+
+    r = alone.measure(events)
+    m = {"hub_events_per_cpu_s": r["hub_events_per_cpu_s"], "hub_cpu_us_per_event": r["hub_cpu_us_per_event"],
+         "hub_cpu_s": r["hub_cpu_s"], "publisher_per_s": r["publisher_per_s"],
+         "subscriber_per_s": min(r["subscriber_per_s"]), "events": r["events"]}
+    return Run(m, {"events": events, "subscriber_per_s": r["subscriber_per_s"]})

@@ -225,3 +225,24 @@ class AttachedServer(Server):
 
     def pids(self) -> list[int]:
         return procs.descendants(self.root_pid)
+
+
+class NoServer(Server):
+    """For a scenario that starts what it measures itself (hub_alone): nothing to start or stop."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.host, self.port, self.jwt_secret = "127.0.0.1", 0, ""
+        self._known = {}
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def logs(self) -> str:
+        return ""
+
+    def pids(self) -> list[int]:
+        return []
