@@ -15,6 +15,9 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 NOBLOCK = int(zmq.NOBLOCK)
+EVENTS = int(zmq.EVENTS)  # plain ints: the enum members cost a lookup per use
+POLLIN = int(zmq.POLLIN)
+EVENTS_CHECKS = 4  # receives per drain preceded by a ZMQ_EVENTS look; a busy socket reads until Again
 DRAIN_BATCH = 128  # hub messages per pass: enough to coalesce writes; a bigger batch delays first deliveries
 DRAIN_BYTES = 1 << 20  # ... and at most about this many payload bytes, so a batch stays small
 PUSH_HWM = 10_000  # publishes queued towards the hub before `publish` replies internal_error
@@ -81,12 +84,20 @@ class HubBus:
 
     def _drain(self) -> None:
         self._drain_scheduled = False
-        recv = self.sub.recv
+        sub = self.sub
+        recv = sub.recv
+        events = sub.getsockopt
         batch: list[bytes] = []
         append = batch.append
         size = 0
+        settled = False  # ZMQ_EVENTS said "nothing waiting" after the last receive
         try:
-            for _ in range(DRAIN_BATCH):
+            for n in range(DRAIN_BATCH):
+                # A few ZMQ_EVENTS checks rather than one failed receive: pyzmq builds zmq.Again
+                # (~5 us) and at a low rate every wake-up brings a single message.
+                if n < EVENTS_CHECKS and not events(EVENTS) & POLLIN:
+                    settled = True
+                    break
                 message = recv(NOBLOCK)  # one frame per message (hub/envelope.py)
                 append(message)
                 size += len(message)
@@ -96,7 +107,8 @@ class HubBus:
             pass
         if batch:
             self.on_messages(batch)
-        if self.sub.getsockopt(zmq.EVENTS) & zmq.POLLIN and not self._drain_scheduled:
+        # The FD is edge-triggered: unless the last look found nothing, look again or nobody wakes.
+        if not settled and events(EVENTS) & POLLIN and not self._drain_scheduled:
             self._drain_scheduled = True
             assert self.loop is not None
             self.loop.call_soon(self._drain)

@@ -57,6 +57,25 @@ def cpu_split(pids: Iterable[int]) -> tuple[float, float]:
     return user / CLK_TCK, system / CLK_TCK
 
 
+def cpu_by_thread(pid: int) -> dict[str, float]:
+    """utime+stime (seconds) of each thread of pid, keyed "tid:name" (ZeroMQ names its I/O
+    thread ZMQbg/IO/0, so the hub's Python loop and its I/O thread can be told apart)."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        out[f"{tid}:{name}"] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 def rss_kib(pids: Iterable[int]) -> int:
     """Sum of VmRSS (KiB). Shared pages count once per process; the bench uses deltas."""
     total = 0

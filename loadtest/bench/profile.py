@@ -4,6 +4,8 @@
     python -m loadtest.bench.profile --scenario hub --events 100000 --window 4096
     python -m loadtest.bench.profile --scenario connect --subscribers 3000
     python -m loadtest.bench.profile --scenario ping --subscribers 100
+    python -m loadtest.bench.profile --scenario chat_paced --subscribers 2000 --rate 2000
+    python -m loadtest.bench.profile --scenario notify --subscribers 5000 --events 200000
 
 It starts `tidings run` with a `sitecustomize` on PYTHONPATH that lets SIGUSR2 switch cProfile
 on and off in each `tidings hub` / `tidings worker` process; one fanout run drives them, with
@@ -52,7 +54,9 @@ if _out and ("worker" in sys.argv or "hub" in sys.argv):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", default="fanout", choices=["fanout", "hub", "connect", "ping"])
+    p.add_argument("--scenario", default="fanout",
+                   choices=["fanout", "hub", "connect", "ping", "chat", "chat_paced", "notify"])
+    p.add_argument("--rate", type=float, default=2000.0, help="chat_paced: events/s (2000)")
     p.add_argument("--subscribers", type=int, default=1000)
     p.add_argument("--events", type=int, default=600)
     p.add_argument("--window", type=int, default=64)
@@ -79,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
             elif args.scenario == "ping":
                 run = scenarios.ping(server, connections=args.subscribers, duration=3.0, on_go=toggle,
                                      on_done=toggle)
+            elif args.scenario in ("chat", "chat_paced"):
+                paced = args.scenario == "chat_paced"
+                run = scenarios.chat(server, connections=args.subscribers, events=args.events,
+                                     rate=args.rate if paced else 0.0, on_go=toggle, on_done=toggle)
+            elif args.scenario == "notify":
+                run = scenarios.notify(server, connections=args.subscribers, events=args.events,
+                                       on_go=toggle, on_done=toggle)
             elif args.scenario == "connect":
                 run = scenarios.connect(server, connections=args.subscribers, on_go=toggle, on_done=toggle)
             else:

@@ -74,8 +74,10 @@ class _CpuMeter:
         self.pids = server.pids()
         self.user0, self.sys0 = procs.cpu_split(self.pids)
         self.per_pid0 = {pid: procs.cpu_seconds([pid]) for pid in self.pids}
+        self.per_thread0 = {pid: procs.cpu_by_thread(pid) for pid in self.pids}
         self.user = self.sys = 0.0
         self.by_process: dict[str, float] = {}
+        self.by_thread: dict[str, dict[str, float]] = {}
 
     def stop(self) -> None:
         user1, sys1 = procs.cpu_split(self.pids)
@@ -83,6 +85,11 @@ class _CpuMeter:
         # which process spent it (hub vs each worker): the scaling model needs the split
         self.by_process = {procs.cmdline(pid)[-40:]: round(procs.cpu_seconds([pid]) - c, 3)
                            for pid, c in self.per_pid0.items()}
+        # ... and which thread: Python's loop, or ZeroMQ's I/O thread (the wake-up chain)
+        for pid, before in self.per_thread0.items():
+            after = procs.cpu_by_thread(pid)
+            spent = {name.split(":", 1)[1]: round(t - before.get(name, 0.0), 3) for name, t in after.items()}
+            self.by_thread[procs.cmdline(pid)[-40:]] = {k: v for k, v in spent.items() if v > 0}
 
     @property
     def total(self) -> float:
@@ -186,7 +193,7 @@ def fanout(
         m["rate_events_per_s"] = rate
     notes = {"subscribers": subscribers, "channels": channels, "events": events, "window": window,
              "via": via, "clients": len(sizes), "stalled": p["stalled"], "replies": p["replies"],
-             "latency_samples": len(lat), "cpu_s_by_process": cpu.by_process}
+             "latency_samples": len(lat), "cpu_s_by_process": cpu.by_process, "cpu_s_by_thread": cpu.by_thread}
     return Run(m, notes)
 
 
@@ -397,7 +404,7 @@ def chat(server: Server, *, connections: int = 2000, events: int = 100_000, wind
         m["rate_events_per_s"] = rate
     notes = {"connections": 2 * pairs, "channels": pairs, "events": events, "clients": len(pair_sizes),
              "stalled": any(r["stalled"] for r in res), "latency_samples": len(lat),
-             "cpu_s_by_process": cpu.by_process}
+             "cpu_s_by_process": cpu.by_process, "cpu_s_by_thread": cpu.by_thread}
     notes.update({"rate": rate, "duration": duration} if rate else {"window": window})
     return Run(m, notes)
 
@@ -473,7 +480,7 @@ def notify(server: Server, *, connections: int = 5000, events: int = 200_000, wi
     }
     notes = {"connections": connections, "events": per_user * connections, "window": window,
              "publishers": len(sizes), "stalled": any(p["stalled"] for p in p_res),
-             "latency_samples": len(lat), "cpu_s_by_process": cpu.by_process}
+             "latency_samples": len(lat), "cpu_s_by_process": cpu.by_process, "cpu_s_by_thread": cpu.by_thread}
     return Run(m, notes)
 
 
