@@ -1,4 +1,4 @@
-"""RFC 6455 conformance (issue 3, reliability.md T1): Autobahn|Testsuite against tidings' `/echo`.
+"""RFC 6455 conformance: Autobahn|Testsuite (the reference WebSocket conformance suite) against tidings' `/echo`.
 
 Starts `tidings run` with one worker and TIDINGS_CONFORMANCE_ECHO=1, points `wstest -m fuzzingclient`
 (Python 2.7, installed once into .cache/autobahn by tests/conformance/autobahn.py) at

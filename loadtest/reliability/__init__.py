@@ -1,4 +1,4 @@
-"""Reliability runs of issue 3 (reliability.md T3, T7-T10, T20): `python -m loadtest.reliability NAME`.
+"""Reliability runs (T3 hostile tokens, T7-T10 slow readers to slowloris, T20 soak): `python -m loadtest.reliability`.
 
 Each run starts its own `tidings run` on free loopback ports, drives it from this process, stops
 every process it started, and prints one JSON line: the figures plus `"pass"` for the criteria

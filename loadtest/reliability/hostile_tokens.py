@@ -1,4 +1,4 @@
-"""T3 hostile tokens: every case of reliability.md T3 through a real connect.
+"""T3 hostile tokens: forged, tampered, expired, oversized and malformed JWTs, each through a real connect.
 
 The service runs with an issuer and an audience configured, so that wrong `iss`/`aud` cases mean
 something. Tokens are built by hand (header, claims and signature) so that PyJWT's own encoder
@@ -26,9 +26,9 @@ from loadtest.reliability.common import Service
 ISSUER = "tidings-test"
 AUDIENCE = "tidings"
 REFUSED_CLOSE_CODES = (4001, 4002)
-# Refused, but not the way T3 asks (close 4001/4002 or an HTTP 4xx): reported as deviations.
+# Refused, but not the way a bad token should be (close 4001/4002 or an HTTP 4xx): reported as deviations.
 #   kid_traversal: the server ignores `kid`, so a well-signed token with kid "../../etc/passwd" is
-#     accepted; RFC 8725 §3.10 / reliability.md J11 says an unknown kid should be refused.
+#     accepted; RFC 8725 §3.10 advises refusing a kid the server does not know.
 #   token_20k_over_header_cap: picows drops a request whose headers pass 16 KiB with a bare TCP
 #     close, before tidings sees it: no 431/400, so the client cannot tell why.
 KNOWN_DEVIATIONS = ("kid_traversal", "token_20k_over_header_cap")
