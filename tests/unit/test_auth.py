@@ -1,7 +1,8 @@
 """workers/auth.py: one test per claim rule, through TokenVerifier.verify with real PyJWT tokens.
 
-PyJWT checks exp/nbf/iat against the wall clock, so tokens are made relative to time.time();
-the `now` passed to verify drives only tidings' own rules (max TTL, rotation deadlines)."""
+PyJWT (RS256/ES256) checks exp/nbf/iat against the wall clock and the HS256 fast path against the
+`now` passed to verify (the server passes time.time()), so tokens are made relative to time.time().
+test_auth_hs256.py proves the HS256 fast path gives PyJWT's verdicts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jwt as jwt_module
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -126,6 +126,7 @@ def test_oversize_token_is_refused_before_decoding(now: float, monkeypatch: pyte
     token = make_token(now, jti="x" * 9000)
     assert len(token) > 8192
     monkeypatch.setattr(workers.auth.jwt, "decode", decode)
+    monkeypatch.setattr(TokenVerifier, "_decode_hs256", decode)
     failure = assert_refused(hs_verifier(), token, now)
     assert "cap" in failure.detail
 
@@ -320,7 +321,7 @@ def test_good_subs(sub: str, now: float) -> None:
 
 # -- channels and publish ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("claim", ["channels", "publish"])
-@pytest.mark.parametrize("value", [{"a": 1}, 5, True, None, [1], [""], [None], [["a:*"]],
+@pytest.mark.parametrize("value", [{"a": 1}, 5, True, None, [1], [""], [None], [["a:*"]], ["\ud800"],
                                    ["x" * (MAX_PATTERN_BYTES + 1)], ["a:b"] * (MAX_PATTERNS + 1)])
 def test_pattern_claims_must_be_short_lists_of_strings(claim: str, value: object, now: float) -> None:
     failure = assert_refused(hs_verifier(), make_token(now, **{claim: value}), now)
@@ -443,14 +444,15 @@ def test_auth_failure_client_messages_have_no_detail() -> None:
 
 # -- the cache of verified tokens -------------------------------------------------------------------
 def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Counts trips past the cache: into the HS256 fast path or jwt.decode, whichever the verifier uses."""
     calls: list[str] = []
-    real = jwt_module.decode
+    real = TokenVerifier._decode
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append("decode")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(jwt_module, "decode", counting)
+    monkeypatch.setattr(TokenVerifier, "_decode", counting)
     return calls
 
 
@@ -466,17 +468,13 @@ def test_a_token_seen_before_is_not_decoded_again(now: float, monkeypatch: pytes
 
 
 def test_a_cached_token_is_decoded_again_once_past_exp(now: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    # PyJWT judges exp by the real clock, so this checks the cache lets go, not the verdict.
     verifier = hs_verifier(leeway=5.0)
     token = make_token(now, exp=int(now) + 60)
     verifier.verify(token, now)
     calls = _count_decodes(monkeypatch)
     verifier.verify(token, int(now) + 65)  # exp + leeway: still the cache
     assert calls == []
-    try:
-        verifier.verify(token, int(now) + 66)
-    except AuthFailure:
-        pass
+    assert_refused(verifier, token, int(now) + 66, "expired")  # the HS256 path judges exp at the `now` given
     assert calls == ["decode"]
 
 
