@@ -7,6 +7,7 @@ what the client is told ("missing", "invalid", "expired") and whose `detail` is 
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import json
 import re
@@ -31,6 +32,10 @@ MAX_PATTERN_BYTES = 256
 # Reconnect storms (a worker restart, a network blip) bring back the very same tokens: remember
 # the claims of recent tokens, keyed by the whole token string, to skip even the HS256 fast path.
 TOKEN_CACHE_SIZE = 10_000
+# Tokens minted for one role carry the same pattern lists: their Claims share one tuple (bounded:
+# up to this many distinct short lists are remembered, then the memo starts over).
+SHARED_PATTERN_LISTS = 256
+SHARED_PATTERN_MAX_LEN = 16
 
 # -- HS256 without PyJWT's per-call overhead ---------------------------------------------------------
 # Every check below mirrors PyJWT 2.15 (api_jws._load/_decode_base64url_segment/_validate_headers and
@@ -200,7 +205,10 @@ class TokenVerifier:
         # verify_aud stays on without a configured audience: a token minted for another service
         # (it carries an `aud`) is then refused rather than accepted here.
         self.options: Any = {"require": ["exp", "sub"], "verify_aud": True}
-        self.cache: dict[str, tuple[Claims, float]] = {}  # token -> (claims, usable until)
+        # digest of the token -> claims (usable until exp + leeway), or (claims, usable until) when a
+        # rotated-out key ends it sooner. A 16-byte digest, not the ~250-character token, per entry.
+        self.cache: dict[bytes, Claims | tuple[Claims, float]] = {}
+        self.pattern_lists: dict[tuple[str, ...], tuple[str, ...]] = {}
         self.hmac_keys = self._hmac_keys()
         self.good_headers: set[str] = set()
 
@@ -222,6 +230,7 @@ class TokenVerifier:
             setattr(clone, slot, getattr(self, slot))
         clone.keys = self.keys + tuple(extra)
         clone.cache = {}
+        clone.pattern_lists = {}
         clone.hmac_keys = clone._hmac_keys()
         clone.good_headers = set()
         return clone
@@ -235,18 +244,22 @@ class TokenVerifier:
             raise AuthFailure("missing", "no token in the request")
         if len(token) > self.max_bytes:
             raise AuthFailure("invalid", f"token of {len(token)} bytes is over the {self.max_bytes} cap")
-        hit = self.cache.get(token)
+        digest = _digest(token)
+        hit = self.cache.get(digest)
         if hit is not None:
-            claims, usable_until = hit
+            claims, usable_until = hit if type(hit) is tuple else (hit, hit.exp + self.leeway)
             if now <= usable_until and claims.exp <= now + self.max_ttl + self.leeway:
                 return claims
-            del self.cache[token]  # expired, key rotated out, clock stepped back: decode decides
+            del self.cache[digest]  # expired, key rotated out, clock stepped back: decode decides
         payload, key = self._decode(token, now)
         claims = self._claims(payload, now)
         if len(self.cache) >= TOKEN_CACHE_SIZE:
             del self.cache[next(iter(self.cache))]  # the oldest entry
         until = claims.exp + self.leeway
-        self.cache[token] = (claims, until if key.valid_until is None else min(until, key.valid_until))
+        if key.valid_until is None or key.valid_until >= until:
+            self.cache[digest] = claims
+        else:
+            self.cache[digest] = (claims, key.valid_until)
         return claims
 
     def _decode(self, token: str, now: float) -> tuple[dict[str, Any], VerificationKey]:
@@ -386,10 +399,28 @@ class TokenVerifier:
         return Claims(
             sub=sub,
             exp=float(exp),
-            channels=_patterns(payload, "channels"),
-            publish=_patterns(payload, "publish"),
+            channels=self._shared(_patterns(payload, "channels")),
+            publish=self._shared(_patterns(payload, "publish")),
             jti=jti if isinstance(jti, str) else None,
         )
+
+
+    def _shared(self, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        """The equal tuple an earlier token brought, so that its Claims share it."""
+        if len(patterns) > SHARED_PATTERN_MAX_LEN:
+            return patterns
+        shared = self.pattern_lists.get(patterns)
+        if shared is not None:
+            return shared
+        if len(self.pattern_lists) >= SHARED_PATTERN_LISTS:
+            self.pattern_lists.clear()
+        self.pattern_lists[patterns] = patterns
+        return patterns
+
+
+def _digest(token: str) -> bytes:
+    """The cache key of a token: 128 bits of BLAKE2b, so equal keys mean the same token string."""
+    return hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _patterns(payload: dict[str, Any], name: str) -> tuple[str, ...]:

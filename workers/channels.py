@@ -31,9 +31,12 @@ class PendingJoin:
 class Channel:
     name: str
     topic: bytes
-    members: dict[Any, None] = field(default_factory=dict)  # insertion-ordered set
+    # Who is subscribed, in join order: a one-slot list while there is a single member (every
+    # personal channel, typically: 64 bytes instead of a dict's 224), a dict used as an ordered set
+    # from the second member on (O(1) leave on big channels). Read it by iterating, len and `in`.
+    members: list[Any] | dict[Any, None] = field(default_factory=list)
     confirmed: bool = False
-    pending: list[PendingJoin] = field(default_factory=list)
+    pending: list[PendingJoin] | None = None  # joins waiting for the hub; None, not [], when none wait
     empty_since: float | None = None
     last_offset: int = 0  # for gap detection; 0 = nothing seen since subscribing
     epoch: bytes = b""
@@ -52,17 +55,28 @@ class ChannelRegistry:
         """Add member; returns `ok` to send now, or None when it must wait for the hub."""
         channel = self.by_name.get(name)
         if channel is None:
-            channel = Channel(name, topic_for(name))
+            channel = Channel(name, topic_for(name), [member])
             self.by_name[name] = channel
             self.by_topic[channel.topic] = channel
             self._subscribe(channel.topic)
-        if member not in channel.members:
-            channel.members[member] = None
+            self.subscriptions += 1
+        elif member not in channel.members:
+            members = channel.members
+            if type(members) is dict:
+                members[member] = None
+            elif members:
+                channel.members = dict.fromkeys((*members, member))
+            else:
+                members.append(member)
             self.subscriptions += 1
         channel.empty_since = None
         if channel.confirmed:
             return ok
-        channel.pending.append(PendingJoin(name, member, ok, failed, now + timeout))
+        waiting = PendingJoin(name, member, ok, failed, now + timeout)
+        if channel.pending is None:
+            channel.pending = [waiting]
+        else:
+            channel.pending.append(waiting)
         return None
 
     def leave(self, member: Hashable, name: str, now: float) -> list[PendingJoin]:
@@ -71,12 +85,16 @@ class ChannelRegistry:
         channel = self.by_name.get(name)
         if channel is None or member not in channel.members:
             return []
-        del channel.members[member]
+        members = channel.members
+        if type(members) is dict:
+            del members[member]
+        else:
+            members.remove(member)
         self.subscriptions -= 1
         waiting: list[PendingJoin] = []
         if channel.pending:
             waiting = [p for p in channel.pending if p.member == member]
-            channel.pending = [p for p in channel.pending if p.member != member]
+            channel.pending = [p for p in channel.pending if p.member != member] or None
         if not channel.members:
             channel.empty_since = now
         return waiting
@@ -87,7 +105,7 @@ class ChannelRegistry:
         if channel is None or channel.confirmed:
             return []
         channel.confirmed = True
-        ready, channel.pending = channel.pending, []
+        ready, channel.pending = channel.pending or [], None
         return ready
 
     def sweep(self, now: float, grace: float) -> list[PendingJoin]:
@@ -97,7 +115,7 @@ class ChannelRegistry:
             if channel.pending:
                 late = [p for p in channel.pending if p.deadline <= now]
                 if late:
-                    channel.pending = [p for p in channel.pending if p.deadline > now]
+                    channel.pending = [p for p in channel.pending if p.deadline > now] or None
                     expired.extend(late)
             if not channel.members and channel.empty_since is not None and now - channel.empty_since >= grace:
                 del self.by_name[channel.name]

@@ -16,6 +16,7 @@ import socket
 import struct
 from typing import TYPE_CHECKING
 
+from multidict import CIMultiDict, CIMultiDictProxy
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 from hub.envelope import ingress_record
@@ -35,6 +36,7 @@ CLOSE = WSMsgType.CLOSE
 PONG = WSMsgType.PONG
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST and frees the buffers
 CLOSE_HANDSHAKE_TIMEOUT = 2.0  # seconds we wait for the peer's close frame before dropping TCP
+NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())  # shared, read-only
 
 
 def frame_header(opcode: int, length: int) -> bytes:
@@ -53,6 +55,18 @@ def text_frame(payload: bytes) -> bytes:
 
 def _utf8_decoder() -> codecs.IncrementalDecoder:
     return codecs.getincrementaldecoder("utf-8")("strict")
+
+
+def shed_handshake(transport: WSTransport) -> None:
+    """picows keeps the upgrade request and its response on the transport for the connection's
+    whole life: the path (with the token) and both header multidicts, ~2.4 KiB a connection
+    (measured on 10k idle connections). Nothing reads them once the connection is up."""
+    request, response = transport.request, transport.response
+    if request is not None:
+        request.method = request.path = request.version = b""
+        request.headers = NO_HEADERS
+    if response is not None:
+        response.headers = NO_HEADERS
 
 
 def valid_close_code(code: int) -> bool:
@@ -94,6 +108,7 @@ class FramedConnection(WSListener):
         self.transport = transport
         self.raw = transport.underlying_transport
         self.last_seen = self.worker.loop.time()
+        shed_handshake(transport)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if self.closed or transport.is_close_frame_sent:

@@ -52,7 +52,7 @@ from workers.writer import LoopPassWriter
 
 TICK_SECONDS = 1.0  # housekeeping period: expiry precision and metrics freshness
 IDLE_SWEEP_SECONDS = 5.0  # how often every connection's idle time is looked at
-READ_BUFFER_BYTES = 1024  # picows allocates this per connection up front; it grows for big frames
+READ_BUFFER_BYTES = 1024  # picows allocates max(this, 2048) per connection up front (2.3.1); it grows for big frames
 FD_WARN_FRACTION = 0.9  # warn when connections reach this share of RLIMIT_NOFILE
 FD_RESERVED = 100  # descriptors a worker needs besides its connections (listeners, ZeroMQ, logs)
 FD_WARN_EVERY = 10.0  # seconds between those warnings: the condition lasts, the log must not flood
@@ -105,6 +105,9 @@ class Worker:
             websocket_handshake_timeout=self.config.handshake_timeout,
             max_frame_size=self.config.max_message_bytes,
             read_buffer_init_size=READ_BUFFER_BYTES,
+            # picows gives every connection a child logging.Logger of the one it is handed (~0.5 KiB
+            # each) unless that is not a Logger: an adapter is the same logger, nothing per connection.
+            logger_name=logging.LoggerAdapter(logging.getLogger("picows.server"), {}),
             enable_auto_pong=True,
             disconnect_on_exception=True,
             use_aiofastnet=self.config.fast_transport,

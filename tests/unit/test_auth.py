@@ -478,6 +478,17 @@ def test_a_cached_token_is_decoded_again_once_past_exp(now: float, monkeypatch: 
     assert calls == ["decode"]
 
 
+def test_tokens_of_one_role_share_their_pattern_lists_and_the_cache_keeps_no_token(now: float) -> None:
+    # per-connection memory: one tuple per distinct pattern list, a 16-byte digest per cached token
+    verifier = hs_verifier()
+    a = verifier.verify(make_token(now, sub="a", channels=["conversation:*", "task:*"]), now)
+    b = verifier.verify(make_token(now, sub="b", channels=["conversation:*", "task:*"]), now)
+    c = verifier.verify(make_token(now, sub="c", channels=["conversation:*"]), now)
+    assert a.channels is b.channels and a.channels == ("conversation:*", "task:*")
+    assert c.channels == ("conversation:*",) and c.channels is not a.channels
+    assert all(isinstance(key, bytes) and len(key) == 16 for key in verifier.cache)
+
+
 def test_a_cached_token_of_a_rotated_out_key_stops_working_when_the_overlap_ends(now: float) -> None:
     old = TokenVerifier([VerificationKey("o" * 40)], "HS256")
     token = make_token(now, key="o" * 40, exp=int(now) + 3600)

@@ -61,6 +61,27 @@ def test_first_join_subscribes_at_the_hub_and_waits(registry: ChannelRegistry, h
     assert channel is not None and list(channel.members) == [m] and not channel.confirmed
 
 
+def test_members_stay_in_join_order_from_one_to_many_and_back(registry: ChannelRegistry) -> None:
+    # one member is held in a one-slot list (personal channels), more in a dict: same behaviour
+    m1, m2, m3 = Member("m1"), Member("m2"), Member("m3")
+    join(registry, m1)
+    join(registry, m1)  # twice: still one membership
+    channel = registry.members(TOPIC_A)
+    assert channel is not None and list(channel.members) == [m1] and registry.subscriptions == 1
+    join(registry, m2)
+    join(registry, m3)
+    assert list(channel.members) == [m1, m2, m3] and registry.subscriptions == 3
+    registry.leave(m2, A, 1.0)
+    registry.leave(m2, A, 1.0)  # not a member any more: nothing happens
+    assert list(channel.members) == [m1, m3] and registry.subscriptions == 2
+    registry.leave(m1, A, 1.0)
+    registry.leave(m3, A, 1.0)
+    assert len(channel.members) == 0 and registry.subscriptions == 0 and channel.empty_since == 1.0
+    join(registry, m2, now=1.5)  # back within the grace period: the same channel
+    assert registry.members(TOPIC_A) is channel and list(channel.members) == [m2]
+    assert channel.empty_since is None
+
+
 def test_topics_are_terminated_so_prefixes_stay_apart(registry: ChannelRegistry, hub: FakeHub) -> None:
     join(registry, Member("m1"), A)
     join(registry, Member("m2"), B)

@@ -51,7 +51,7 @@ def test_open_joins_the_personal_channel_and_says_connected() -> None:
     assert join.failed is None  # the personal channel is kept even if the hub is slow to confirm
     data = assert_reply([join], "connected")
     assert data == {"user_id": "u-42", "connection_id": "conn-7", "expires_at": 1_900_000_000}
-    assert client.session.channels == {"user:u-42"}
+    assert client.session.channels == ("user:u-42",)
 
 
 # -- parsing: not a valid message ----------------------------------------------------------------------------
@@ -193,11 +193,21 @@ def test_subscribe_allowed_joins_and_replies_subscribed() -> None:
     assert CHANNEL in client.session.channels
 
 
+def test_sessions_on_one_channel_hold_one_name_and_no_publish_bucket() -> None:
+    # per-connection memory: the name is shared (interned), the publish bucket waits for a publish
+    a, b = make_client(), make_client()
+    a.subscribe(CHANNEL)
+    b.subscribe("conversation:" + "conv-123")  # an equal string, built apart
+    assert a.session.channels == b.session.channels == (CHANNEL,)
+    assert a.session.channels[0] is b.session.channels[0]
+    assert a.session.last_type == "subscribe" and a.session.publishes is None
+
+
 def test_subscribe_unauthorized_keeps_the_connection_and_holds_nothing() -> None:
     client = make_client(make_claims(channels=("conversation:conv-1",)))
     assert_error_code(client.subscribe("conversation:conv-12", "1"), ReplyCode.UNAUTHORIZED, "1")
     assert_error_code(client.subscribe("task:1", "2"), ReplyCode.UNAUTHORIZED, "2")
-    assert client.session.channels == set()
+    assert client.session.channels == ()
     only(client.subscribe("conversation:conv-1", "3"), Join)  # still usable
 
 
@@ -223,7 +233,7 @@ def test_subscribe_while_hub_down_fails_then_works_when_it_is_back() -> None:
     client = make_client(hub_up=False)
     data = assert_error_code(client.subscribe(CHANNEL, "1"), ReplyCode.SUBSCRIPTION_FAILED, "1")
     assert "hub" in data["message"]
-    assert client.session.channels == set()
+    assert client.session.channels == ()
     client.hub_up = True
     only(client.subscribe(CHANNEL, "2"), Join)
 
@@ -236,7 +246,7 @@ def test_subscribe_is_idempotent() -> None:
     assert assert_reply(again, "subscribed", "2") == {"channel": CHANNEL}
     client.hub_up = False
     assert_reply(client.subscribe(CHANNEL, "3"), "subscribed", "3")  # held: no hub needed
-    assert client.session.channels == {CHANNEL}
+    assert client.session.channels == (CHANNEL,)
 
 
 def test_personal_channel_is_always_allowed_and_held_from_connect() -> None:
@@ -257,7 +267,7 @@ def test_forget_undoes_a_failed_join() -> None:
     client = make_client()
     only(client.subscribe(CHANNEL), Join)
     client.session.forget(CHANNEL)
-    assert client.session.channels == set()
+    assert client.session.channels == ()
     only(client.subscribe(CHANNEL), Join)  # a fresh join, not the idempotent reply
 
 
@@ -266,7 +276,7 @@ def test_forget_undoes_a_failed_join() -> None:
 def test_subscribe_bad_channel_is_invalid_request(channel: object) -> None:
     client = make_client(make_claims(channels=("*",)))
     assert_error_code(client.send({"type": "subscribe", "id": "c", "data": {"channel": channel}}), INVALID, "c")
-    assert client.session.channels == set()
+    assert client.session.channels == ()
 
 
 def test_subscribe_checks_the_name_before_the_claims() -> None:
@@ -282,7 +292,7 @@ def test_unsubscribe_leaves_then_replies() -> None:
     assert outputs[0] == Leave(CHANNEL)
     assert assert_reply(outputs, "unsubscribed", "2") == {"channel": CHANNEL}
     assert len(outputs) == 2
-    assert client.session.channels == set()
+    assert client.session.channels == ()
 
 
 def test_unsubscribe_is_idempotent() -> None:
@@ -312,7 +322,7 @@ def test_publish_allowed_forwards_the_encoded_event() -> None:
     assert assert_reply([forward], "published", "4") == {"channel": CHANNEL}
     failed = decode(forward.failed)
     assert (failed["id"], failed["data"]["code"]) == ("4", ReplyCode.INTERNAL_ERROR.value)
-    assert client.session.channels == set()  # publishing does not subscribe
+    assert client.session.channels == ()  # publishing does not subscribe
 
 
 def test_publish_without_event_data_sends_an_empty_object() -> None:
