@@ -98,12 +98,15 @@ def cmd_hub(config: Config, args: argparse.Namespace) -> int:
     from hub.broker import Broker
     from tidings.logs import setup_logging
     from tidings.metrics import Stats, prepare_metrics_dir
+    from tidings.scheduling import use_batch_scheduling
     from tidings.sdnotify import Notifier
 
     # The hub verifies no token, but a production hub without keys means a half-configured
     # instance: refuse it as the workers do, with the same message.
     config.check_keys(need_api_key=False)
     log = setup_logging(config.log_format, config.log_level, "hub")
+    if config.sched_batch:
+        use_batch_scheduling(log)  # before the Broker starts ZeroMQ's I/O thread
     prepare_metrics_dir(config.metrics_path, wipe=False)
     return Broker(config, log, Notifier(), Stats()).run()
 
@@ -114,9 +117,12 @@ def cmd_worker(config: Config, args: argparse.Namespace) -> int:
 
     from tidings.logs import setup_logging
     from tidings.metrics import Stats, prepare_metrics_dir
+    from tidings.scheduling import use_batch_scheduling
     from tidings.sdnotify import Notifier
 
     log = setup_logging(config.log_format, config.log_level, f"worker-{args.index}")
+    if config.sched_batch:
+        use_batch_scheduling(log)  # before the worker starts ZeroMQ's I/O thread
     prepare_metrics_dir(config.metrics_path, wipe=False)
 
     async def serve() -> int:

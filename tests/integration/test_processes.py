@@ -166,3 +166,24 @@ def test_run_refuses_a_port_another_instance_holds() -> None:
             second.stop()
         c, _ = connect(first.ws_url(first.token("still-mine")))  # the first one is untouched
         c.close()
+
+
+def _policies(pid: int) -> dict[str, int]:
+    """Thread name -> scheduling policy (0 SCHED_OTHER, 3 SCHED_BATCH) of every thread of pid."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        name = (task / "comm").read_text().strip()
+        out[name] = os.sched_getscheduler(int(task.name))
+    return out
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_hub_and_workers_run_every_thread_as_sched_batch_unless_told_not_to(batch: bool) -> None:
+    with TidingsService(workers=1, env={"TIDINGS_SCHED_BATCH": "1" if batch else "0"}) as svc:
+        kids = svc.children()
+        for role in ("hub", "worker 0"):
+            policies = _policies(kids[role])
+            assert "ZMQbg/IO/0" in policies  # ZeroMQ's I/O thread, started after the switch
+            want = os.SCHED_BATCH if batch else os.SCHED_OTHER
+            assert set(policies.values()) == {want}, (role, policies)
+        assert os.sched_getscheduler(svc.proc.pid) == os.SCHED_OTHER  # the supervisor only waits
