@@ -1,0 +1,144 @@
+"""workers/writer.py: what one loop pass sends, driven without sockets or a running loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from hub.envelope import ingress_record, read_ingress
+from workers.connection import text_frame
+from workers.writer import LoopPassWriter
+
+
+class Loop:
+    """call_soon only records: the test runs the pass's end itself."""
+
+    def __init__(self) -> None:
+        self.soon: list[Callable[[], Any]] = []
+
+    def call_soon(self, fn: Callable[[], Any]) -> None:
+        self.soon.append(fn)
+
+    def run_pass_end(self) -> None:
+        todo, self.soon = self.soon, []
+        for fn in todo:
+            fn()
+
+
+@dataclass
+class Raw:
+    buffered: int = 0
+    writes: list[bytes] = field(default_factory=list)
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+
+@dataclass(eq=False)
+class Conn:
+    raw: Raw = field(default_factory=Raw)
+    closed: bool = False
+
+
+@dataclass
+class Replies:
+    ok: bytes
+    failed: bytes
+
+
+class Harness:
+    def __init__(self, hub_takes: bool = True, cap: int = 1000) -> None:
+        self.loop = Loop()
+        self.hub: list[bytes] = []
+        self.hub_takes = hub_takes
+        self.slow: list[Conn] = []
+        self.counted: list[tuple[int, bool]] = []
+        self.writer = LoopPassWriter(self.loop, self.push, cap, self.slow.append,  # type: ignore[arg-type]
+                                     lambda n, taken: self.counted.append((n, taken)))
+
+    def push(self, message: bytes) -> bool:
+        if self.hub_takes:
+            self.hub.append(message)
+        return self.hub_takes
+
+
+def frames(*payloads: bytes) -> bytes:
+    return b"".join(text_frame(p) for p in payloads)
+
+
+def test_a_pass_writes_each_connection_once() -> None:
+    h, a, b = Harness(), Conn(), Conn()
+    h.writer.frame(a, text_frame(b"1"))
+    h.writer.frame(b, text_frame(b"2"))
+    h.writer.frame(a, text_frame(b"3"))
+    assert a.raw.writes == [] and len(h.loop.soon) == 1  # nothing leaves before the pass ends
+    h.loop.run_pass_end()
+    assert a.raw.writes == [frames(b"1", b"3")]
+    assert b.raw.writes == [frames(b"2")]
+
+
+def test_fan_out_queues_the_same_bytes_for_every_member() -> None:
+    h, members = Harness(), [Conn(), Conn(), Conn()]
+    data = text_frame(b'{"type":"x"}')
+    h.writer.fan_out(members, data)
+    assert all(h.writer.pending[m][0] is data for m in members)  # one object, no copies
+    h.loop.run_pass_end()
+    assert [m.raw.writes for m in members] == [[data]] * 3
+
+
+def test_publishes_of_a_pass_leave_in_one_hub_message_and_replies_keep_command_order() -> None:
+    h, a, b = Harness(), Conn(), Conn()
+    one, two = ingress_record(b"a:b\0", b'{"n":1}'), ingress_record(b"a:c\0", b'{"n":2}')
+    h.writer.publish(a, one, Replies(b"published-1", b"failed-1"))
+    h.writer.frame(a, text_frame(b"pong"))  # a ping answered after the publish
+    h.writer.publish(b, two, Replies(b"published-2", b"failed-2"))
+    h.loop.run_pass_end()
+    assert h.hub == [one + two]
+    assert read_ingress(h.hub[0], 100)[0] == [(b"a:b\0", b'{"n":1}'), (b"a:c\0", b'{"n":2}')]
+    assert a.raw.writes == [frames(b"published-1", b"pong")]
+    assert b.raw.writes == [frames(b"published-2")]
+    assert h.counted == [(2, True)]
+
+
+def test_a_refused_hub_message_fails_every_publish_of_the_pass_in_place() -> None:
+    h, a = Harness(hub_takes=False), Conn()
+    h.writer.publish(a, ingress_record(b"a:b\0", b"{}"), Replies(b"ok", b"failed"))
+    h.writer.frame(a, text_frame(b"pong"))
+    h.loop.run_pass_end()
+    assert a.raw.writes == [frames(b"failed", b"pong")]
+    assert h.counted == [(1, False)]
+
+
+def test_flush_one_sends_the_pending_publishes_first() -> None:
+    # A close flushes one connection at once; its publish reply must not be an empty slot.
+    h, a = Harness(), Conn()
+    h.writer.publish(a, ingress_record(b"a:b\0", b"{}"), Replies(b"ok", b"failed"))
+    h.writer.frame(a, text_frame(orjson.dumps({"type": "error"})))
+    h.writer.flush_one(a)
+    assert len(h.hub) == 1
+    assert a.raw.writes == [frames(b"ok", b'{"type":"error"}')]
+    h.loop.run_pass_end()  # nothing left for the pass
+    assert len(a.raw.writes) == 1 and len(h.hub) == 1
+
+
+def test_a_reader_over_the_cap_is_reported_and_not_written() -> None:
+    h, slow, fine = Harness(cap=1000), Conn(Raw(buffered=1001)), Conn(Raw(buffered=1000))
+    h.writer.fan_out([slow, fine], text_frame(b"x"))
+    h.loop.run_pass_end()
+    assert h.slow == [slow] and slow.raw.writes == []
+    assert fine.raw.writes == [text_frame(b"x")]
+
+
+def test_closed_and_dropped_connections_get_nothing() -> None:
+    h, closed, dropped = Harness(), Conn(closed=True), Conn()
+    h.writer.frame(closed, text_frame(b"x"))
+    h.writer.frame(dropped, text_frame(b"y"))
+    h.writer.drop(dropped)
+    h.loop.run_pass_end()
+    assert closed.raw.writes == [] and dropped.raw.writes == []
