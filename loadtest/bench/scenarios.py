@@ -155,16 +155,8 @@ def fanout(
                    "progress_slots": [(i, n) for i, n in enumerate(sizes) if n]}, progress)
         jobs.append(pub)
         _ready([pub])
-        cpu = _CpuMeter(server)
-        if on_go is not None:  # e.g. the profiler starts cProfile in the server's processes
-            on_go()
-        for job in jobs:
-            job.send("go")
-        p = _done([pub], timeout)[0]
-        subs = _done(jobs[:-1], timeout)
-        cpu.stop()
-        if on_done is not None:
-            on_done()
+        res, cpu = _go_and_time(server, jobs, timeout, on_go, on_done, first=[pub])
+        subs, p = res[:-1], res[-1]
     delivered = sum(s["received"] for s in subs)
     expected = sum(s["expected"] for s in subs)
     # events over the publisher's real send count: a stalled publisher is loss too
@@ -243,19 +235,23 @@ def hub(server: Server, *, events: int = 300_000, window: int = 4096, tries: int
 
 
 def _go_and_time(server: Server, jobs: list[Job], timeout: float, on_go: Callable[[], None] | None,
-                 on_done: Callable[[], None] | None) -> tuple[list[dict[str, Any]], float]:
-    """Start every ready job at once; their results and the server tree's CPU seconds meanwhile."""
-    pids = server.pids()
-    cpu0 = procs.cpu_seconds(pids)
-    if on_go is not None:
+                 on_done: Callable[[], None] | None, first: list[Job] | None = None,
+                 ) -> tuple[list[dict[str, Any]], _CpuMeter]:
+    """Start every ready job at once; their results (in job order; the `first` ones are waited
+    for first: publishers, whose end bounds the others') and the server tree's CPU meanwhile."""
+    cpu = _CpuMeter(server)
+    if on_go is not None:  # e.g. the profiler starts cProfile in the server's processes
         on_go()
     for job in jobs:
         job.send("go")
-    res = _done(jobs, timeout)
-    cpu = procs.cpu_seconds(pids) - cpu0
+    lead = first or []
+    got = dict(zip(map(id, lead), _done(lead, timeout), strict=True))
+    rest = [job for job in jobs if id(job) not in got]
+    got.update(zip(map(id, rest), _done(rest, timeout), strict=True))
+    cpu.stop()
     if on_done is not None:
         on_done()
-    return res, cpu
+    return [got[id(job)] for job in jobs], cpu
 
 
 # -- connect -----------------------------------------------------------------------------------
@@ -277,7 +273,7 @@ def connect(server: Server, *, connections: int = 5000, concurrency: int = 128, 
     lat = [x for r in res for x in r["latency_us"]]
     m = {"handshakes_per_s": ok / elapsed, "ok": ok, "failed": sum(r["failed"] for r in res),
          "hs_p50_ms": percentile(lat, 50) / 1e3, "hs_p99_ms": percentile(lat, 99) / 1e3,
-         "cpu_us_per_handshake": cpu / max(1, ok) * 1e6, "elapsed_s": elapsed}
+         "cpu_us_per_handshake": cpu.total / max(1, ok) * 1e6, "elapsed_s": elapsed}
     return Run(m, {"connections": connections, "concurrency": concurrency,
                    "errors": [e for r in res for e in r["errors"]][:5]})
 
@@ -330,7 +326,7 @@ def ping(server: Server, *, connections: int = 100, duration: float = 5.0, clien
     lat = [x for r in res for x in r["latency_us"]]
     m = {"replies_per_s": replies / elapsed, "replies": replies, "bad": sum(r["bad"] for r in res),
          "rtt_p50_ms": percentile(lat, 50) / 1e3, "rtt_p99_ms": percentile(lat, 99) / 1e3,
-         "cpu_us_per_reply": cpu / max(1, replies) * 1e6}
+         "cpu_us_per_reply": cpu.total / max(1, replies) * 1e6}
     return Run(m, {"connections": connections, "duration": duration})
 
 
@@ -364,15 +360,7 @@ def chat(server: Server, *, connections: int = 2000, events: int = 100_000, wind
                              "rate": rate * n / pairs}))
             offset += n
         _ready(jobs)
-        cpu = _CpuMeter(server)
-        if on_go is not None:
-            on_go()
-        for job in jobs:
-            job.send("go")
-        res = _done(jobs, timeout)
-        cpu.stop()
-        if on_done is not None:
-            on_done()
+        res, cpu = _go_and_time(server, jobs, timeout, on_go, on_done)
     sent = sum(r["sent"] for r in res)
     delivered = sum(r["received"] for r in res)
     expected = sum(r["expected"] for r in res)  # 2 per event sent: both members, publisher included
@@ -447,16 +435,8 @@ def notify(server: Server, *, connections: int = 5000, events: int = 200_000, wi
                              "pad": _pad(users[-1], NOTIFY_TYPE), "progress_slots": [(i, n)]}, progress))
         pubs = jobs[len(subs):]
         _ready(pubs)
-        cpu = _CpuMeter(server)
-        if on_go is not None:
-            on_go()
-        for job in jobs:
-            job.send("go")
-        p_res = _done(pubs, timeout)
-        s_res = _done(subs, timeout)
-        cpu.stop()
-        if on_done is not None:
-            on_done()
+        res, cpu = _go_and_time(server, jobs, timeout, on_go, on_done, first=pubs)
+        s_res, p_res = res[:len(subs)], res[len(subs):]
     sent = sum(p["sent"] for p in p_res)
     delivered = sum(s["received"] for s in s_res)
     expected = sum(s["expected"] for s in s_res)

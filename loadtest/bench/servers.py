@@ -202,7 +202,20 @@ def make_server(kind: str, workers: int = 2) -> Server:
     raise ValueError(f"unknown server {kind!r}")
 
 
-class AttachedServer(Server):
+class _NotOurs(Server):
+    """A server the bench does not start or stop (nothing to do on either)."""
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def logs(self) -> str:
+        return ""
+
+
+class AttachedServer(_NotOurs):
     """A server somebody else started (e.g. the tests' TidingsService): measured, never stopped."""
 
     def __init__(self, name: str, root_pid: int, port: int, jwt_secret: str, host: str = "127.0.0.1",
@@ -214,35 +227,17 @@ class AttachedServer(Server):
         self.ingress = ingress
         self._known: dict[int, str] = {}
 
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def logs(self) -> str:
-        return ""
-
     def pids(self) -> list[int]:
         return procs.descendants(self.root_pid)
 
 
-class NoServer(Server):
+class NoServer(_NotOurs):
     """For a scenario that starts what it measures itself (hub_alone): nothing to start or stop."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.host, self.port, self.jwt_secret = "127.0.0.1", 0, ""
         self._known = {}
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def logs(self) -> str:
-        return ""
 
     def pids(self) -> list[int]:
         return []
