@@ -67,7 +67,14 @@ def check_channel(channel: object) -> str:
 
 
 def check_event_type(type_: object) -> str:
-    if not isinstance(type_, str) or not EVENT_TYPE.fullmatch(type_):
+    if not isinstance(type_, str):
+        raise EnvelopeError("type must match [a-z][a-z0-9_.]{0,63}")
+    return _checked_type(type_)
+
+
+@lru_cache(maxsize=1024)  # a deployment uses a handful of types; a refused one raises, so is not kept
+def _checked_type(type_: str) -> str:
+    if not EVENT_TYPE.fullmatch(type_):
         raise EnvelopeError("type must match [a-z][a-z0-9_.]{0,63}")
     if type_ in RESERVED_TYPES:
         raise EnvelopeError(f"type {type_!r} is reserved for server replies")
@@ -118,14 +125,15 @@ def encode_event(channel: str, type_: str, data: Mapping[str, Any], now: float |
     """(topic, body) for one event, checked. Raises EnvelopeError on a bad channel, type or data."""
     check_channel(channel)
     check_event_type(type_)
-    if not isinstance(data, Mapping):
+    if type(data) is not dict and not isinstance(data, Mapping):
         raise EnvelopeError("data must be a JSON object")
-    if _non_finite(data):
-        raise EnvelopeError("data holds NaN or Infinity, which JSON cannot carry")
     try:
         body = event_body(channel, type_, data, time.time() if now is None else now)
     except TypeError as exc:  # orjson's error for values JSON cannot hold (huge ints, objects)
         raise EnvelopeError(f"data is not JSON: {exc}") from None
+    # orjson writes NaN and ±Infinity as null: only a body with a null can hide one
+    if b"null" in body and _non_finite(data):
+        raise EnvelopeError("data holds NaN or Infinity, which JSON cannot carry")
     return topic_for(channel), body
 
 
