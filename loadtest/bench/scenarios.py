@@ -274,7 +274,7 @@ def connect(server: Server, *, connections: int = 5000, concurrency: int = 128, 
     m = {"handshakes_per_s": ok / elapsed, "ok": ok, "failed": sum(r["failed"] for r in res),
          "hs_p50_ms": percentile(lat, 50) / 1e3, "hs_p99_ms": percentile(lat, 99) / 1e3,
          "cpu_us_per_handshake": cpu.total / max(1, ok) * 1e6, "elapsed_s": elapsed}
-    return Run(m, {"connections": connections, "concurrency": concurrency,
+    return Run(m, {"connections": connections, "concurrency": concurrency, "cpu_s_by_thread": cpu.by_thread,
                    "errors": [e for r in res for e in r["errors"]][:5]})
 
 
@@ -327,7 +327,7 @@ def ping(server: Server, *, connections: int = 100, duration: float = 5.0, clien
     m = {"replies_per_s": replies / elapsed, "replies": replies, "bad": sum(r["bad"] for r in res),
          "rtt_p50_ms": percentile(lat, 50) / 1e3, "rtt_p99_ms": percentile(lat, 99) / 1e3,
          "cpu_us_per_reply": cpu.total / max(1, replies) * 1e6}
-    return Run(m, {"connections": connections, "duration": duration})
+    return Run(m, {"connections": connections, "duration": duration, "cpu_s_by_thread": cpu.by_thread})
 
 
 # -- chat and chat_paced -----------------------------------------------------------------------
