@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 
+import orjson
 import pytest
+from websocket import ABNF
 
 from hub import Publisher
 from tests.client import Client, connect
@@ -213,3 +217,36 @@ def test_subscribe_then_unsubscribe_at_once_answers_both_in_order(svc: TidingsSe
         mine = [r for r in replies if r["data"]["channel"] == f"fresh:c{i}"]
         assert [(r["type"], r["id"]) for r in mine] == [("subscribed", f"s{i}"), ("unsubscribed", f"u{i}")]
     c.nothing(0.5)
+
+
+def test_replies_keep_command_order_when_a_pass_batches_publishes(svc: TidingsService) -> None:
+    # All frames in one TCP write, so one loop pass reads them: the publishes leave for the hub in
+    # one message and their `published` replies are filled in after the pongs were queued.
+    reader, _ = connect(svc.ws_url(svc.token("order-r", channels=["order:*"])))
+    assert reader.subscribe("order:a")["type"] == "subscribed"
+    c, _ = connect(svc.ws_url(svc.token("order-w", channels=["order:*"], publish=["order:*"])))
+    msgs: list[dict[str, object]] = []
+    for i in range(10):
+        msgs.append({"type": "publish", "id": f"p{i}",
+                     "data": {"channel": "order:a", "type": "chat_message", "data": {"i": i}}})
+        msgs.append({"type": "ping", "id": f"g{i}", "data": {}})
+    c.ws.sock.sendall(b"".join(ABNF.create_frame(orjson.dumps(m).decode(), ABNF.OPCODE_TEXT).format()
+                               for m in msgs))
+    replies = [c.recv() for _ in range(20)]
+    assert [(r["type"], r["id"]) for r in replies] == [
+        (kind, f"{letter}{i}") for i in range(10) for kind, letter in (("published", "p"), ("pong", "g"))]
+    events = [reader.recv() for _ in range(10)]
+    assert [e["data"]["i"] for e in events] == list(range(10))
+    assert [e["offset"] for e in events] == list(range(events[0]["offset"], events[0]["offset"] + 10))
+
+
+def test_connections_inherit_the_send_buffer(svc: TidingsService) -> None:
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed: cannot read a server socket's send buffer")
+    c, _ = connect(svc.ws_url(svc.token("sndbuf")))
+    client_port = c.ws.sock.getsockname()[1]
+    out = subprocess.run(["ss", "-tmnH", f"sport = :{svc.port} and dport = :{client_port}"],
+                         capture_output=True, text=True, timeout=10).stdout
+    sizes = re.findall(r"\btb(\d+)", out)
+    # TIDINGS_SEND_BUFFER_BYTES defaults to 64 KiB; the kernel doubles what it is given.
+    assert sizes == ["131072"], out
