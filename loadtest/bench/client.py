@@ -76,6 +76,19 @@ def sample(values: array.array[float], k: int = MAX_SAMPLES) -> list[float]:
     return random.sample(values.tolist(), k)
 
 
+def probe_totals(listeners: list[Any], probe: type) -> tuple[array.array[float], int, int, int]:
+    """(latencies, order errors, payload bytes, frames) summed over the listeners that are probes."""
+    lat = array.array("d")
+    order_errors = frame_bytes = frames = 0
+    for lst in listeners:
+        if isinstance(lst, probe):
+            lat.extend(lst.lat)
+            order_errors += lst.errors
+            frame_bytes += lst.bytes
+            frames += lst.n
+    return lat, order_errors, frame_bytes, frames
+
+
 class Job:
     """Parent-side handle of one job process."""
 
@@ -343,14 +356,7 @@ class SubscribersJob:
                 break
             await asyncio.sleep(interval)
         per_sub = [lst.n for lst in listeners]
-        lat = array.array("d")
-        order_errors = frame_bytes = frames = 0
-        for lst in listeners:
-            if isinstance(lst, Probe):
-                lat.extend(lst.lat)
-                order_errors += lst.errors
-                frame_bytes += lst.bytes
-                frames += lst.n
+        lat, order_errors, frame_bytes, frames = probe_totals(listeners, Probe)
         return {
             "received": sum(per_sub), "expected": target, "last_change": last_change,
             "min_per_sub": min(per_sub, default=0), "max_per_sub": max(per_sub, default=0),
@@ -714,14 +720,7 @@ class ChatJob:
                 break
             await asyncio.sleep(interval)
         per_conn = [lst.n for lst in listeners]
-        lat = array.array("d")
-        order_errors = frame_bytes = frames = 0
-        for lst in listeners:
-            if isinstance(lst, ChatProbe):
-                lat.extend(lst.lat)
-                order_errors += lst.errors
-                frame_bytes += lst.bytes
-                frames += lst.n
+        lat, order_errors, frame_bytes, frames = probe_totals(listeners, ChatProbe)
         return {
             "sent": sent, "acks": tally.acks, "received": sum(per_conn), "expected": target,
             "start": start, "end": last_change, "stalled": stalled, "other_frames": tally.other,

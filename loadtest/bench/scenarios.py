@@ -100,6 +100,25 @@ class _CpuMeter:
         return self.sys / self.total if self.total > 0 else math.nan
 
 
+def _delivery_metrics(delivered: int, expected: int, order_errors: int, lat: list[float], cpu: _CpuMeter,
+                      elapsed: float) -> dict[str, float]:
+    """What every delivery scenario reports: loss, order, latency and the server's CPU."""
+    return {
+        "delivered": delivered,
+        "expected": expected,
+        "loss": max(0, expected - delivered),  # a stalled publisher's unsent events count too
+        "extra": max(0, delivered - expected),
+        "order_errors": order_errors,
+        "lat_p50_ms": percentile(lat, 50) / 1e3,
+        "lat_p99_ms": percentile(lat, 99) / 1e3,
+        "lat_max_ms": max(lat, default=math.nan) / 1e3,
+        "cpu_us_per_delivery": cpu.total / max(1, delivered) * 1e6,
+        "server_cpu_s": cpu.total,
+        "server_sys_share": cpu.sys_share,
+        "elapsed_s": elapsed,
+    }
+
+
 @contextlib.contextmanager
 def _jobs() -> Iterator[list[Job]]:
     jobs: list[Job] = []
@@ -167,18 +186,7 @@ def fanout(
     m = {
         "deliveries_per_s": delivered / elapsed,
         "events_per_s": p["sent"] / elapsed,
-        "delivered": delivered,
-        "expected": expected,
-        "loss": expected - delivered if expected >= delivered else 0,
-        "extra": max(0, delivered - expected),
-        "order_errors": sum(s["order_errors"] for s in subs),
-        "lat_p50_ms": percentile(lat, 50) / 1e3,
-        "lat_p99_ms": percentile(lat, 99) / 1e3,
-        "lat_max_ms": max(lat, default=math.nan) / 1e3,
-        "cpu_us_per_delivery": cpu.total / max(1, delivered) * 1e6,
-        "server_cpu_s": cpu.total,
-        "server_sys_share": cpu.sys_share,
-        "elapsed_s": elapsed,
+        **_delivery_metrics(delivered, expected, sum(s["order_errors"] for s in subs), lat, cpu, elapsed),
         "frame_bytes": sum(frame_bytes) / len(frame_bytes) if frame_bytes else math.nan,
     }
     if rate:
@@ -371,21 +379,10 @@ def chat(server: Server, *, connections: int = 2000, events: int = 100_000, wind
         "deliveries_per_s": delivered / elapsed,
         "events_per_s": sent / elapsed,
         "events": sent,
-        "delivered": delivered,
-        "expected": expected,
-        "loss": max(0, expected - delivered),
-        "extra": max(0, delivered - expected),
-        "order_errors": sum(r["order_errors"] for r in res),
+        **_delivery_metrics(delivered, expected, sum(r["order_errors"] for r in res), lat, cpu, elapsed),
         "unacked": sent - sum(r["acks"] for r in res),  # publishes whose `published` never came
         "other_frames": sum(r["other_frames"] for r in res),  # neither event nor reply: errors
-        "lat_p50_ms": percentile(lat, 50) / 1e3,
-        "lat_p99_ms": percentile(lat, 99) / 1e3,
-        "lat_max_ms": max(lat, default=math.nan) / 1e3,
         "cpu_us_per_event": cpu.total / max(1, sent) * 1e6,
-        "cpu_us_per_delivery": cpu.total / max(1, delivered) * 1e6,
-        "server_cpu_s": cpu.total,
-        "server_sys_share": cpu.sys_share,
-        "elapsed_s": elapsed,
         "frame_bytes": sum(frame_bytes) / len(frame_bytes) if frame_bytes else math.nan,
     }
     if rate:
@@ -445,18 +442,8 @@ def notify(server: Server, *, connections: int = 5000, events: int = 200_000, wi
     m = {
         "events_per_s": delivered / elapsed,
         "events": sent,
-        "delivered": delivered,
-        "expected": expected,
-        "loss": max(0, expected - delivered),  # a stalled publisher's unsent events count too
-        "extra": max(0, delivered - expected),
-        "order_errors": sum(s["order_errors"] for s in s_res),
-        "lat_p50_ms": percentile(lat, 50) / 1e3,
-        "lat_p99_ms": percentile(lat, 99) / 1e3,
-        "lat_max_ms": max(lat, default=math.nan) / 1e3,
+        **_delivery_metrics(delivered, expected, sum(s["order_errors"] for s in s_res), lat, cpu, elapsed),
         "cpu_us_per_event": cpu.total / max(1, sent) * 1e6,
-        "server_cpu_s": cpu.total,
-        "server_sys_share": cpu.sys_share,
-        "elapsed_s": elapsed,
     }
     notes = {"connections": connections, "events": per_user * connections, "window": window,
              "publishers": len(sizes), "stalled": any(p["stalled"] for p in p_res),
