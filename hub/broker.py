@@ -2,23 +2,36 @@
 
 One thread, one zmq.Poller. Each pass drains the ingress socket without blocking (bounded, so
 subscription traffic and housekeeping are never starved), stamps each event with the next
-offset of its channel, and forwards the frames untouched otherwise. ZeroMQ's XPUB filters by
-topic, so an event reaches only the workers that subscribed to its channel.
+offset of its channel (`HistoryStore`, which also keeps the channel's recent events), and
+forwards it. ZeroMQ's XPUB filters by topic, so an event reaches only the workers that
+subscribed to its channel. A ROUTER answers history reads and confirmed publishes between
+passes. With persistence on, a pass's events are written to the journal before they are sent,
+so no subscriber ever holds an offset a restarted hub does not know.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import secrets
 import signal
 import time
 from pathlib import Path
 from types import FrameType
 
+import orjson
 import zmq
 
-from hub.envelope import EPOCH_BYTES, MAX_CHANNEL_BYTES, egress_event, read_ingress
+from hub.envelope import (
+    HISTORY_REQUEST,
+    MAX_CHANNEL_BYTES,
+    PUBLISH_REQUEST,
+    check_channel,
+    egress_position,
+    read_ingress,
+    topic_for,
+)
+from hub.history import HistoryStore, parse_history_spec
+from hub.persist import HistoryLog
 from tidings.config import Config
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
@@ -29,6 +42,8 @@ EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 EVENTS_CHECKS = 4  # receives per pass preceded by a ZMQ_EVENTS look; a busy socket reads until Again
 DRAIN_BATCH = 2000  # messages per pass: large enough to amortise poll(), small enough to stay responsive
+REQUEST_BATCH = 256  # requests answered per pass, so reads never starve the forwarding loop
+MAX_REQUEST_LIMIT = 10_000  # events one history read may return
 TICK_SECONDS = 1.0  # metrics flush, status line, watchdog floor
 
 
@@ -42,8 +57,13 @@ class Broker:
         self.log = log
         self.notifier = notifier
         self.stats = stats
-        self.epoch = secrets.token_hex(EPOCH_BYTES // 2).encode()
-        self.offsets: dict[bytes, int] = {}
+        self.store = HistoryStore(parse_history_spec(config.history), config.history_max_bytes,
+                                  config.history_meta_ttl)
+        self.journal: HistoryLog | None = None
+        if config.history_persist:
+            self.journal = HistoryLog(config.journal_path, config.history_persist_max_bytes,
+                                      config.history_fsync_seconds, log)
+            self.store.journal = []
         self.subscribers: dict[bytes, int] = {}  # topic -> worker subscriptions the XPUB reported
         self.stopping = False
         self.max_body = config.max_message_bytes + MAX_CHANNEL_BYTES + 256  # event JSON around `data`
@@ -51,10 +71,11 @@ class Broker:
         self.ctx = zmq.Context()
         self.ingress = self.ctx.socket(zmq.PULL)
         self.egress = self.ctx.socket(zmq.XPUB)
+        self.requests = self.ctx.socket(zmq.ROUTER)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def bind(self) -> None:
-        for endpoint in (self.config.ingress_endpoint, self.config.egress_endpoint):
+        for endpoint in (self.config.ingress_endpoint, self.config.egress_endpoint, self.config.requests_endpoint):
             d = _ipc_dir(endpoint)
             if d is not None:
                 d.mkdir(parents=True, exist_ok=True)
@@ -65,8 +86,11 @@ class Broker:
         # Every (un)subscribe reaches us, so subscriber counts are exact and each new
         # subscription gets its confirmation message.
         self.egress.setsockopt(zmq.XPUB_VERBOSER, 1)
+        self.requests.setsockopt(zmq.LINGER, 0)
+        self.requests.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a requester that left: drop its reply
         self.ingress.bind(self.config.ingress_endpoint)
         self.egress.bind(self.config.egress_endpoint)
+        self.requests.bind(self.config.requests_endpoint)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
@@ -78,13 +102,24 @@ class Broker:
             self.log.error("cannot bind %s / %s: %s", self.config.ingress_endpoint,
                            self.config.egress_endpoint, exc)
             return 1
+        if self.journal is not None:
+            try:
+                report = self.journal.load(self.store, time.time())
+            except OSError as exc:
+                self.log.error("cannot open the history journal %s: %s", self.config.journal_path, exc)
+                return 1
+            self.log.info("history journal %s: %d channels, %d events restored", self.config.journal_path,
+                          report.streams, report.events)
         exporter = StatsExporter(self.stats)
-        self.log.info("hub serving: ingress %s, egress %s, epoch %s", self.config.ingress_endpoint,
-                      self.config.egress_endpoint, self.epoch.decode())
-        self.notifier.ready(f"epoch {self.epoch.decode()}")
+        epoch = self.store.epoch_prefix.decode()
+        self.log.info("hub serving: ingress %s, egress %s, requests %s, epochs %s*, history %s%s",
+                      self.config.ingress_endpoint, self.config.egress_endpoint, self.config.requests_endpoint,
+                      epoch, self.config.history or "off", ", persisted" if self.journal else "")
+        self.notifier.ready(f"epochs {epoch}*")
         poller = zmq.Poller()
         poller.register(self.ingress, zmq.POLLIN)
         poller.register(self.egress, zmq.POLLIN)
+        poller.register(self.requests, zmq.POLLIN)
         # The watchdog ping rides on the poll loop: a hub stuck anywhere stops sending it.
         tick_every = min(TICK_SECONDS, self.notifier.watchdog_interval or TICK_SECONDS)
         next_tick = time.monotonic() + tick_every
@@ -95,17 +130,23 @@ class Broker:
                 self.drain_subscriptions()
             if self.ingress in ready:
                 self.drain_ingress()
+            if self.requests in ready:
+                self.drain_requests()
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + tick_every
                 self.notifier.watchdog()
+                self.housekeeping()
                 exporter.flush()
         self.notifier.stopping("hub stopping")
+        if self.journal is not None:
+            self.journal.close()
         exporter.flush()
         mark_process_dead(os.getpid())
-        self.log.info("hub stopped: %d events forwarded in this epoch", self.stats.hub_events_in)
+        self.log.info("hub stopped: %d events forwarded since it started", self.stats.hub_events_in)
         self.ingress.close(0)
         self.egress.close(0)
+        self.requests.close(0)
         self.ctx.term()
         return 0
 
@@ -113,14 +154,58 @@ class Broker:
         self.stopping = True
 
     # -- the forwarding path -------------------------------------------------------------------
+    def housekeeping(self) -> None:
+        """Once a tick: expire history, flush and compact the journal, update the gauges."""
+        now = time.time()
+        store = self.store
+        store.expire(now, self.subscribers.__contains__)
+        if self.journal is not None:
+            try:
+                self._write_journal(now)
+                if self.journal is not None:
+                    self.journal.flush(now)
+                    self.journal.maybe_compact(store, now)
+            except OSError:
+                pass  # logged; the hub keeps forwarding from memory
+        s, c = self.stats, store.counters
+        s.history_evicted, s.history_expired, s.history_dropped = c.evicted_streams, c.expired_events, c.dropped_streams
+        s.history_bytes = store.nbytes
+        s.history_channels = len(store.streams)
+
+    def _write_journal(self, now: float) -> None:
+        """Write what the store stamped since the last call. If that fails the journal no longer
+        matches what subscribers hold, and a restart from it would hand out their offsets again
+        under the same epoch: it is moved aside and persistence stops, so a restart starts new
+        epochs (clients get recovered: false, never a wrong event)."""
+        journal = self.journal
+        assert journal is not None
+        records = self.store.take_journal()
+        if not records:
+            return
+        try:
+            journal.write(records, now)
+        except OSError:
+            self.journal = None
+            self.store.journal = None
+            journal.close()
+            aside = journal.path.with_name(journal.path.name + ".failed")
+            try:
+                journal.path.replace(aside)
+            except OSError as exc:
+                self.log.error("cannot move the journal aside (%s): remove %s before restarting", exc, journal.path)
+            self.log.error("history persistence is OFF until restart: a journal write failed; the journal was "
+                           "moved to %s, and a restart starts every channel with a new epoch", aside)
+            raise
+
     def drain_ingress(self) -> None:
         """Up to DRAIN_BATCH messages: check, stamp, forward. One recv per message (a message may
         carry several events) and one send per event: XPUB filters whole messages by topic."""
         recv = self.ingress.recv
         events = self.ingress.getsockopt
-        send = self.egress.send
-        offsets = self.offsets
-        epoch = self.epoch
+        # With a journal, a pass's events leave only after they were written (see the docstring).
+        held: list[bytes] | None = None if self.journal is None else []
+        send = self.egress.send if held is None else held.append
+        stamp = self.store.stamp
         max_body = self.max_body
         now = time.time()
         forwarded = 0
@@ -139,12 +224,75 @@ class Broker:
                 self.drop_log.warning(time.monotonic(), "dropped an ingress message: bad %s", problem)
                 continue
             for topic, body in records:
-                offset = offsets.get(topic, 0) + 1
-                offsets[topic] = offset
-                send(egress_event(topic, offset, now, epoch, body))
+                send(stamp(topic, body, now))
             forwarded += len(records)
+        if held:
+            self._send_written(held, now)
         self.stats.hub_events_in += forwarded
         self.stats.hub_ingress_queue = forwarded
+
+    def _send_written(self, messages: list[bytes], now: float) -> None:
+        try:
+            self._write_journal(now)
+        except OSError:
+            pass  # logged by HistoryLog; the events still go out (live delivery beats the journal)
+        send = self.egress.send
+        for message in messages:
+            send(message)
+
+    def drain_requests(self) -> None:
+        """Answer up to REQUEST_BATCH history reads and confirmed publishes."""
+        for _ in range(REQUEST_BATCH):
+            try:
+                frames = self.requests.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 4:  # identity, op, request id, body
+                self.drop_log.warning(time.monotonic(), "dropped a request of %d frames", len(frames))
+                continue
+            identity, op, request_id, body = frames
+            try:
+                answer = self.answer(op, body)
+            except Exception:
+                self.log.exception("request %r failed", op[:16])
+                answer = [orjson.dumps({"ok": False, "error": "internal error"})]
+            self.requests.send_multipart([identity, op, request_id, *answer])
+
+    def answer(self, op: bytes, body: bytes) -> list[bytes]:
+        now = time.time()
+        if op == PUBLISH_REQUEST:
+            records, problem = read_ingress(body, self.max_body)
+            if problem is not None:
+                self.stats.hub_events_dropped[problem] += 1
+                return [orjson.dumps({"ok": False, "error": f"bad {problem}"})]
+            stamp = self.store.stamp
+            messages = [stamp(topic, event, now) for topic, event in records]
+            if self.journal is not None:
+                try:
+                    self._write_journal(now)
+                except OSError:
+                    pass  # persistence is off from here (logged): the events go out as without it
+            send = self.egress.send
+            positions = []
+            for (topic, _), message in zip(records, messages, strict=True):
+                send(message)
+                stream = self.store.streams[topic]
+                positions.append((stream.top, stream.epoch.decode()))
+            self.stats.hub_events_in += len(records)
+            self.stats.confirmed_publishes += len(records)
+            return [orjson.dumps({"ok": True, "positions": positions})]
+        if op == HISTORY_REQUEST:
+            try:
+                query = orjson.loads(body)
+                topic, since, limit = _history_query(query)
+            except (orjson.JSONDecodeError, ValueError, TypeError, KeyError) as exc:
+                return [orjson.dumps({"ok": False, "error": f"bad history request: {exc}"})]
+            found = self.store.read(topic, since, limit, now)
+            source = "worker" if query.get("source") == "worker" else "backend"
+            self.stats.history_reads[(source, "covered" if found.covered else "not_covered")] += 1
+            header = {"ok": True, "offset": found.top, "epoch": found.epoch.decode(), "covered": found.covered}
+            return [orjson.dumps(header), *found.items]
+        return [orjson.dumps({"ok": False, "error": "unknown request"})]
 
     def drain_subscriptions(self) -> None:
         """XPUB hands us b'\\x01'+topic / b'\\x00'+topic for each worker (un)subscribe."""
@@ -161,7 +309,9 @@ class Broker:
                 self.stats.hub_subscribes["subscribe"] += 1
                 # Sent after the XPUB registered the subscription: the new subscriber sees it,
                 # and every event it gets from now on, in order.
-                self.egress.send(topic)
+                now = time.time()
+                top, epoch = self.store.position(topic, now)
+                self.egress.send(egress_position(topic, top, now, epoch))
             elif msg[0] == 0:
                 left = self.subscribers.get(topic, 0) - 1
                 if left > 0:
@@ -170,3 +320,20 @@ class Broker:
                     self.subscribers.pop(topic, None)
                 self.stats.hub_subscribes["unsubscribe"] += 1
             self.stats.hub_channels = len(self.subscribers)
+
+
+def _history_query(query: object) -> tuple[bytes, tuple[int, bytes] | None, int]:
+    """(topic, since, limit) of a history request body, or ValueError."""
+    if not isinstance(query, dict):
+        raise ValueError("not an object")
+    topic = topic_for(check_channel(query["channel"]))
+    limit = query.get("limit")
+    if type(limit) is not int or not 0 <= limit <= MAX_REQUEST_LIMIT:
+        raise ValueError(f"limit must be an integer from 0 to {MAX_REQUEST_LIMIT}")
+    since = query.get("since")
+    if since is None:
+        return topic, None, limit
+    offset, epoch = since.get("offset"), since.get("epoch")
+    if type(offset) is not int or offset < 0 or not isinstance(epoch, str):
+        raise ValueError("since must be {offset: integer >= 0, epoch: string}")
+    return topic, (offset, epoch.encode()), limit

@@ -18,11 +18,22 @@ Egress (hub -> workers, XPUB/SUB):
         subscriber receives, built once by the hub, not once per worker. The topic comes first,
         so ZeroMQ's prefix filter still matches; the stamp repeats offset and epoch in binary
         for the worker's gap check, and carries the hub's clock for latency metrics.
-    topic
-        the hub saw a new subscription to topic (sent on the XPUB after the subscription is in
-        place, so events published later are not missed).
+    topic + STAMP(top, hub_time, epoch)
+        a position: the hub saw a new subscription to topic and says where the channel stands
+        (sent on the XPUB after the subscription is in place, so the new subscriber misses no
+        event after `top`). Every subscriber of the topic gets it, which doubles as a check:
+        a worker that saw less than `top` lost events at the high-water mark.
 
-The hub never parses JSON: it checks the framing, counts offsets and splices.
+Requests (DEALER -> the hub's ROUTER), multipart: [op, request id, body]; the reply echoes op
+and id, then a JSON header, then (history only) the egress messages found:
+    b"history"  body = JSON {"channel", "since": {"offset", "epoch"} | null, "limit"}
+                reply header {"ok": true, "offset": top, "epoch", "covered"}
+    b"publish"  body = an ingress message (one or more records), stamped like ingress
+                reply header {"ok": true, "positions": [[offset, epoch], ...]} in record order
+    any error   reply header {"ok": false, "error": why}
+A request socket never carries the fan-out: the forwarding loop reads it between passes.
+
+The hub never parses event JSON: it checks the framing, counts offsets and splices.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ TOPIC_END = b"\0"
 BODY_LEN = struct.Struct("!I")  # ingress record: body length after the topic
 EPOCH_BYTES = 16  # the hub's epoch: 8 random bytes as hex, so it reads as a JSON string too
 STAMP = struct.Struct(f"!Qd{EPOCH_BYTES}s")  # offset (per channel, from 1), hub time.time(), epoch
+HISTORY_REQUEST = b"history"
+PUBLISH_REQUEST = b"publish"
 MAX_CHANNEL_BYTES = 255  # Centrifugo's max_channel_length
 MAX_TOPIC_BYTES = MAX_CHANNEL_BYTES + len(TOPIC_END)
 EVENT_TYPE = re.compile(r"[a-z][a-z0-9_.]{0,63}")
@@ -175,11 +188,14 @@ def egress_event(topic: bytes, offset: int, hub_time: float, epoch: bytes, body:
         topic, STAMP.pack(offset, hub_time, epoch), memoryview(body)[:-1], offset, epoch)
 
 
-def split_egress(message: bytes) -> tuple[bytes, int, float, bytes, bytes] | None:
-    """(topic, offset, hub_time, epoch, client payload) of an egress event; None for a
-    subscription confirmation (the topic alone)."""
+def egress_position(topic: bytes, top: int, hub_time: float, epoch: bytes) -> bytes:
+    """The hub's message for a new subscription: where the channel stands, no payload."""
+    return topic + STAMP.pack(top, hub_time, epoch)
+
+
+def split_egress(message: bytes) -> tuple[bytes, int, float, bytes, bytes]:
+    """(topic, offset, hub_time, epoch, client payload) of an egress message; the payload is
+    empty for a position (a subscription confirmation)."""
     end = message.index(TOPIC_END) + 1
-    if end == len(message):
-        return None
     offset, hub_time, epoch = STAMP.unpack_from(message, end)
     return message[:end], offset, hub_time, epoch, message[end + STAMP.size:]

@@ -221,7 +221,7 @@ class HistoryLog:
         if now < self._compact_after:
             return False
         tmp = self.path.with_name(self.path.name + ".tmp")
-        data = b"".join(encode(record) for record in store.snapshot())
+        data = b"".join(encode(record) for record in store.snapshot(now))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         except OSError as exc:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from hub.history import HistorySpecError, parse_history_spec
+
 ENV_PREFIX = "TIDINGS_"
 MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash output
 DEV_SECRET_FILE = "jwt-secret"  # created by `tidings run` when no key is configured
@@ -67,7 +69,27 @@ class Config:
     hub_ingress: str = _setting("", "hub PULL endpoint publishers push to (default ipc://RUNTIME_DIR/ingress)")
     hub_egress: str = _setting("", "hub XPUB endpoint workers subscribe to (default ipc://RUNTIME_DIR/egress)")
     hub_hwm: int = _setting(100_000, "ZeroMQ messages queued per peer before the hub drops (~20 MB at 200 B)")
+    hub_requests: str = _setting("", "hub ROUTER endpoint for history reads and confirmed publishes "
+                                     "(default ipc://RUNTIME_DIR/requests)")
     metrics_dir: str = _setting("", "prometheus multiprocess directory (default RUNTIME_DIR/metrics)")
+
+    # -- history and recovery ----------------------------------------------------------------
+    history: str = _setting("user=32/600s,conversation=64/300s",
+                            "events kept per channel, by namespace: NS=EVENTS/SECONDSs,...; other namespaces "
+                            "keep none (on by default so a reconnecting client resumes out of the box)")
+    history_max_bytes: int = _setting(256 << 20, "all kept events together; past it the channels published "
+                                                 "least recently lose theirs first")
+    history_meta_ttl: float = _setting(86400.0, "seconds a channel nobody publishes to, reads or subscribes keeps "
+                                                "its position; then its next event starts a new epoch")
+    recovery_max_events: int = _setting(300, "most events one resume replays; a bigger gap is recovered: false "
+                                             "(the client refetches from its backend instead)")
+    history_persist: bool = _setting(False, "keep history and positions in a journal under STATE_DIR, so they "
+                                            "survive a hub restart")
+    state_dir: str = _setting("", "where the hub keeps its journal (default RUNTIME_DIR/state; systemd: "
+                                  "StateDirectory=)")
+    history_persist_max_bytes: int = _setting(1 << 30, "journal size that triggers a compaction to a snapshot")
+    history_fsync_seconds: float = _setting(1.0, "journal fsync period: a process crash loses nothing written, a "
+                                                 "machine crash up to this much; 0 = fsync every hub pass")
 
     # -- limits ----------------------------------------------------------------------------
     max_message_bytes: int = _setting(65536, "largest client message, frames or reassembled (Centrifugo's)")
@@ -113,6 +135,14 @@ class Config:
         return self.hub_egress or f"ipc://{Path(self.runtime_dir) / 'egress'}"
 
     @property
+    def requests_endpoint(self) -> str:
+        return self.hub_requests or f"ipc://{Path(self.runtime_dir) / 'requests'}"
+
+    @property
+    def journal_path(self) -> Path:
+        return Path(self.state_dir or Path(self.runtime_dir) / "state") / "history.journal"
+
+    @property
     def metrics_path(self) -> Path:
         return Path(self.metrics_dir or Path(self.runtime_dir) / "metrics")
 
@@ -152,6 +182,19 @@ class Config:
             raise ConfigError(f"{env_name('send_buffer_bytes')} must be 0 (kernel autotuning) or more")
         for name in ("max_message_bytes", "max_subscriptions", "max_pending_bytes", "rate_burst",
                      "publish_burst", "max_connections", "max_connections_per_user"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{env_name(name)} must be at least 1")
+        try:
+            retentions = parse_history_spec(self.history)
+        except HistorySpecError as exc:
+            raise ConfigError(f"{env_name('history')}: {exc}") from None
+        longest = max((r.ttl for r in retentions.values()), default=0.0)
+        if self.history_meta_ttl <= longest:
+            raise ConfigError(f"{env_name('history_meta_ttl')} ({self.history_meta_ttl:g}s) must be longer than the "
+                              f"longest history TTL ({longest:g}s): a position must outlive its events")
+        if self.history_fsync_seconds < 0:
+            raise ConfigError(f"{env_name('history_fsync_seconds')} must be 0 (every pass) or more")
+        for name in ("history_max_bytes", "recovery_max_events", "history_persist_max_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be at least 1")
         for name in ("rate_limit", "publish_rate_limit", "idle_timeout", "pong_timeout", "drain_window",

@@ -30,6 +30,17 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "hub_events_dropped": ("tidings_hub_events_dropped_total", "ingress messages the hub refused", ("reason",)),
     "hub_subscribes": ("tidings_hub_subscribe_messages_total", "worker subscribe/unsubscribe messages",
                        ("op",)),
+    "history_evicted": ("tidings_history_evicted_channels_total",
+                        "channels whose kept events the history byte budget dropped (oldest first)", ()),
+    "history_expired": ("tidings_history_expired_events_total", "kept events dropped by their namespace's TTL", ()),
+    "history_dropped": ("tidings_history_dropped_channels_total",
+                        "channels whose position (top offset, epoch) passed the metadata TTL", ()),
+    "history_reads": ("tidings_history_reads_total", "history reads at the hub, by who asked and result",
+                      ("source", "result")),
+    "recoveries": ("tidings_recoveries_total", "subscribes with `since`, by result", ("result",)),
+    "heals": ("tidings_gap_heals_total", "worker offset gaps, by how they ended (healed from history or signalled)",
+              ("result",)),
+    "confirmed_publishes": ("tidings_confirmed_publishes_total", "publishes the hub stamped and answered", ()),
 }
 # stats attribute -> (metric name, help). Gauges are summed over live processes.
 GAUGES: dict[str, tuple[str, str]] = {
@@ -39,6 +50,8 @@ GAUGES: dict[str, tuple[str, str]] = {
     "hub_topics": ("tidings_worker_hub_topics", "channels workers hold subscribed at the hub"),
     "hub_channels": ("tidings_hub_channels", "channels at least one worker subscribes to (hub view)"),
     "hub_ingress_queue": ("tidings_hub_ingress_queued", "messages read in the hub's last drain pass"),
+    "history_bytes": ("tidings_history_bytes", "bytes of kept events at the hub (against TIDINGS_HISTORY_MAX_BYTES)"),
+    "history_channels": ("tidings_history_channels", "channels with a position (top offset, epoch) at the hub"),
     "process_resident_bytes": ("tidings_process_resident_bytes", "resident memory, summed over processes"),
     "process_cpu_seconds": ("tidings_process_cpu_seconds", "CPU time used, summed over live processes"),
 }
@@ -77,6 +90,15 @@ class Stats:
         self.hub_events_in = 0
         self.hub_events_dropped: Counter[str] = Counter()
         self.hub_subscribes: Counter[str] = Counter()
+        self.history_evicted = 0
+        self.history_expired = 0
+        self.history_dropped = 0
+        self.history_reads: Counter[tuple[str, str]] = Counter()
+        self.recoveries: Counter[str] = Counter()
+        self.heals: Counter[str] = Counter()
+        self.confirmed_publishes = 0
+        self.history_bytes = 0
+        self.history_channels = 0
         self.connections = 0
         self.subscriptions = 0
         self.channels = 0

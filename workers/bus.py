@@ -1,4 +1,5 @@
-"""A worker's ZeroMQ side: SUB from the hub's XPUB, PUSH to the hub's ingress. Only moves bytes.
+"""A worker's ZeroMQ side: SUB from the hub's XPUB, PUSH to the hub's ingress, DEALER to the
+hub's ROUTER for history reads. Only moves bytes.
 
 The SUB socket is read with `loop.add_reader` on its edge-triggered ZMQ_FD: each wake-up drains
 up to DRAIN_BATCH messages without blocking, then re-checks ZMQ_EVENTS (reading it can consume
@@ -24,13 +25,16 @@ PUSH_HWM = 10_000  # publishes queued towards the hub before `publish` replies i
 RECONNECT_MAX_MS = 1000  # cap on ZeroMQ's reconnect backoff: the hub is back within a second
 
 class HubBus:
-    def __init__(self, ingress: str, egress: str, hwm: int,
+    def __init__(self, ingress: str, egress: str, requests: str, hwm: int,
                  on_messages: Callable[[list[bytes]], None],
-                 on_hub_state: Callable[[bool], None]) -> None:
+                 on_hub_state: Callable[[bool], None],
+                 on_reply: Callable[[list[bytes]], None]) -> None:
         self.ingress = ingress
         self.egress = egress
+        self.requests = requests
         self.on_messages = on_messages
         self.on_hub_state = on_hub_state
+        self.on_reply = on_reply
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, hwm)
@@ -41,6 +45,11 @@ class HubBus:
         self.push.setsockopt(zmq.SNDHWM, PUSH_HWM)
         self.push.setsockopt(zmq.LINGER, 500)
         self.push.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
+        # Reads are answered out of band from the fan-out: a slow read never delays an event.
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.IMMEDIATE, 1)  # a hub that is not there fails the read at once
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.connected = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -50,17 +59,22 @@ class HubBus:
         self.loop = loop
         self.sub.connect(self.egress)
         self.push.connect(self.ingress)
+        self.dealer.connect(self.requests)
         loop.add_reader(self.sub.getsockopt(zmq.FD), self._drain)
         loop.add_reader(self.monitor.getsockopt(zmq.FD), self._drain_monitor)
+        loop.add_reader(self.dealer.getsockopt(zmq.FD), self._drain_replies)
         # Edge-triggered: anything that arrived before add_reader would never wake us.
         loop.call_soon(self._drain)
         loop.call_soon(self._drain_monitor)
+        loop.call_soon(self._drain_replies)
 
     def close(self) -> None:
         if self.loop is not None and not self.sub.closed:
             self.loop.remove_reader(self.sub.getsockopt(zmq.FD))
             self.loop.remove_reader(self.monitor.getsockopt(zmq.FD))
+            self.loop.remove_reader(self.dealer.getsockopt(zmq.FD))
         self.sub.disable_monitor()
+        self.dealer.close(0)
         self.monitor.close(0)
         self.sub.close(0)
         self.push.close()
@@ -127,6 +141,29 @@ class HubBus:
         if self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             assert self.loop is not None
             self.loop.call_soon(self._drain_monitor)
+
+    def _drain_replies(self) -> None:
+        dealer = self.dealer
+        while True:
+            try:
+                frames = dealer.recv_multipart(NOBLOCK)
+            except zmq.Again:
+                break
+            self.on_reply(frames)
+        # Same edge rule as the SUB socket (the replies just handled may have sent requests).
+        if dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            assert self.loop is not None
+            self.loop.call_soon(self._drain_replies)
+
+    def request(self, op: bytes, request_id: bytes, body: bytes) -> bool:
+        """Send a request to the hub's ROUTER without blocking; False if it cannot go now."""
+        try:
+            self.dealer.send_multipart([op, request_id, body], NOBLOCK)
+        except zmq.Again:
+            return False
+        if self.loop is not None:
+            self.loop.call_soon(self._drain_replies)  # a send may consume the FD's edge too
+        return True
 
     # -- worker -> hub -------------------------------------------------------------------------------
     def push_message(self, message: bytes) -> bool:

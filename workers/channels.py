@@ -3,8 +3,10 @@
 The worker, not each client, subscribes to the hub: a channel's topic is subscribed when its
 first local member joins and released `grace` seconds after its last member left (if nobody
 came back), so reconnect churn costs the hub nothing. A newly subscribed topic is `confirmed`
-once the hub's confirmation arrives; joins made before that wait for it (`pending`), so that a
-client told "subscribed" misses no event published afterwards.
+once the hub's position message arrives (the channel's top offset and epoch); joins made before
+that wait for it (`pending`), so that a client told "subscribed" misses no event published
+afterwards and learns where the channel stands. A joining connection that resumes from a
+position (`since`) is not a member until its recovery is done (`workers/recovery.py`).
 
 No sockets here: subscribing at the hub is a callback the bus provides.
 """
@@ -16,14 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hub.envelope import topic_for
+from workers.protocol import Join
+from workers.recovery import ChannelRecovery, Waiter
 
 
 @dataclass(slots=True)
 class PendingJoin:
-    channel: str
     member: Any
-    ok: bytes
-    failed: bytes | None
+    join: Join
     deadline: float
 
 
@@ -38,8 +40,9 @@ class Channel:
     confirmed: bool = False
     pending: list[PendingJoin] | None = None  # joins waiting for the hub; None, not [], when none wait
     empty_since: float | None = None
-    last_offset: int = 0  # for gap detection; 0 = nothing seen since subscribing
-    epoch: bytes = b""
+    last_offset: int = 0  # the last offset received (or the hub's top when it confirmed)
+    epoch: bytes = b""  # b"": no position known yet
+    recovery: ChannelRecovery | None = None  # resumes and gap heals in progress
 
 
 class ChannelRegistry:
@@ -50,59 +53,73 @@ class ChannelRegistry:
         self.by_topic: dict[bytes, Channel] = {}
         self.subscriptions = 0  # member x channel pairs
 
-    def join(self, member: Hashable, name: str, ok: bytes, failed: bytes | None,
-             now: float, timeout: float) -> bytes | None:
-        """Add member; returns `ok` to send now, or None when it must wait for the hub."""
+    def join(self, member: Hashable, join: Join, now: float, timeout: float) -> tuple[Channel, bool]:
+        """(channel, position known). A join without `since` makes member a member at once;
+        when the position is not known yet, the join waits for the hub (`pending`)."""
+        name = join.channel
         channel = self.by_name.get(name)
         if channel is None:
-            channel = Channel(name, topic_for(name), [member])
+            channel = Channel(name, topic_for(name))
             self.by_name[name] = channel
             self.by_topic[channel.topic] = channel
             self._subscribe(channel.topic)
-            self.subscriptions += 1
-        elif member not in channel.members:
-            members = channel.members
-            if type(members) is dict:
-                members[member] = None
-            elif members:
-                channel.members = dict.fromkeys((*members, member))
-            else:
-                members.append(member)
-            self.subscriptions += 1
+        if join.since is None:
+            self.add_member(channel, member)
         channel.empty_since = None
         if channel.confirmed:
-            return ok
-        waiting = PendingJoin(name, member, ok, failed, now + timeout)
+            return channel, True
+        waiting = PendingJoin(member, join, now + timeout)
         if channel.pending is None:
             channel.pending = [waiting]
         else:
             channel.pending.append(waiting)
-        return None
+        return channel, False
 
-    def leave(self, member: Hashable, name: str, now: float) -> list[PendingJoin]:
-        """Remove member; returns its joins still waiting for the hub (the caller answers them,
-        so a subscribe followed at once by an unsubscribe still gets its reply, in order)."""
-        channel = self.by_name.get(name)
-        if channel is None or member not in channel.members:
-            return []
+    def add_member(self, channel: Channel, member: Hashable) -> None:
         members = channel.members
+        if member in members:
+            return
+        if type(members) is dict:
+            members[member] = None
+        elif members:
+            channel.members = dict.fromkeys((*members, member))
+        else:
+            members.append(member)
+        self.subscriptions += 1
+
+    def remove_member(self, channel: Channel, member: Hashable, now: float) -> None:
+        members = channel.members
+        if member not in members:
+            return
         if type(members) is dict:
             del members[member]
         else:
             members.remove(member)
         self.subscriptions -= 1
+        if not members:
+            channel.empty_since = now
+
+    def leave(self, member: Hashable, name: str, now: float) -> tuple[list[PendingJoin], list[Waiter]]:
+        """Remove member; returns its joins still waiting for the hub and its recoveries in
+        progress (the caller answers them, so a subscribe followed at once by an unsubscribe
+        still gets its reply, in order)."""
+        channel = self.by_name.get(name)
+        if channel is None:
+            return [], []
+        self.remove_member(channel, member, now)
         waiting: list[PendingJoin] = []
         if channel.pending:
-            waiting = [p for p in channel.pending if p.member == member]
-            channel.pending = [p for p in channel.pending if p.member != member] or None
-        if not channel.members:
+            waiting = [p for p in channel.pending if p.member is member]
+            if waiting:
+                channel.pending = [p for p in channel.pending if p.member is not member] or None
+        recovering = channel.recovery.remove(member) if channel.recovery is not None else []
+        if not channel.members and channel.empty_since is None:
             channel.empty_since = now
-        return waiting
+        return waiting, recovering
 
-    def confirm(self, topic: bytes) -> list[PendingJoin]:
-        """The hub confirmed topic: the joins to answer with `ok` now."""
-        channel = self.by_topic.get(topic)
-        if channel is None or channel.confirmed:
+    def confirm(self, channel: Channel) -> list[PendingJoin]:
+        """The hub sent channel's position: the joins to answer now."""
+        if channel.confirmed:
             return []
         channel.confirmed = True
         ready, channel.pending = channel.pending or [], None
@@ -117,7 +134,8 @@ class ChannelRegistry:
                 if late:
                     channel.pending = [p for p in channel.pending if p.deadline > now] or None
                     expired.extend(late)
-            if not channel.members and channel.empty_since is not None and now - channel.empty_since >= grace:
+            if (not channel.members and channel.empty_since is not None and now - channel.empty_since >= grace
+                    and not channel.pending and not (channel.recovery and channel.recovery.waiters)):
                 del self.by_name[channel.name]
                 del self.by_topic[channel.topic]
                 self._unsubscribe(channel.topic)
@@ -125,10 +143,11 @@ class ChannelRegistry:
 
     def hub_lost(self) -> None:
         """The hub connection dropped. ZeroMQ re-sends every subscription when it is back and the
-        hub confirms each again; until then new joins wait, and offsets start over."""
+        hub sends each channel's position again; until then new joins wait. The last position
+        is kept: the new one says whether members missed events (healed from history) or the
+        channel restarted with a new epoch (members are told to resubscribe)."""
         for channel in self.by_name.values():
             channel.confirmed = False
-            channel.last_offset = 0
 
     def members(self, topic: bytes) -> Channel | None:
         return self.by_topic.get(topic)

@@ -296,12 +296,9 @@ class ClientConnection(FramedConnection):
                     worker.writer.publish(self, ingress_record(out.topic, out.body), out)
                 result = "queued"
             elif kind is Join:
-                ready = worker.join(self, out, self.last_seen)
-                if ready is not None:
-                    self.send(ready)
+                worker.join(self, out, self.last_seen)  # answered now, or once the hub sent the position
             elif kind is Leave:
-                for waiting in worker.leave(self, out.channel, self.last_seen):
-                    self.send(waiting.ok)  # its subscribe is answered before the unsubscribe
+                worker.leave(self, out.channel, self.last_seen)  # answers a join of it still waiting first
             elif kind is Close:
                 self._close_for(out.error)
         return result

@@ -29,6 +29,7 @@ from workers.auth import Claims
 from workers.errors import RATE_ABUSE, Disconnect, ReplyCode, RequestError
 
 MAX_ID_CHARS = 64
+MAX_EPOCH_CHARS = 64  # the server's epochs are 16; anything much longer is not one of them
 MAX_DEPTH = 32  # JSON nesting a client may send; deeper is refused before it reaches anything
 ABUSE_WINDOW = 10.0  # seconds over which rate-limit refusals are counted towards a close
 
@@ -41,13 +42,26 @@ class Send:
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs ~4x on this per-message path
 class Join:
-    """Add this connection to `channel`; send `ok` once the hub confirms the channel.
-    If the hub does not confirm in time: send `failed` and undo the join, or, when `failed` is
-    None, keep the membership (ZeroMQ re-sends the subscription) and send `ok` anyway."""
+    """Add this connection to `channel` and answer with the channel's position once the hub
+    sent it: `subscribed` (`subscribed_reply`), or `connected` for the personal channel at
+    connect. With `since`, resume from that (offset, epoch) first (workers/recovery.py).
+    `held`: the connection already holds the channel, only its position is asked.
+    If the hub does not answer in time: send `failed` and undo the join, or, when `failed` is
+    None (the personal channel), keep the membership (ZeroMQ re-sends the subscription) and
+    answer anyway."""
 
     channel: str
-    ok: bytes
-    failed: bytes | None
+    request_id: str | None
+    since: tuple[int, bytes] | None = None
+    connect: bool = False
+    held: bool = False
+
+    @property
+    def failed(self) -> bytes | None:
+        if self.connect:
+            return None
+        return error_reply(RequestError(ReplyCode.SUBSCRIPTION_FAILED, "hub did not confirm the channel"),
+                           self.request_id)
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs ~4x on this per-message path
@@ -89,6 +103,51 @@ def error_reply(error: RequestError, id_: str | None = None) -> bytes:
 
 
 PONG_NO_ID = reply("pong", None, {})
+
+
+def subscribed_reply(id_: str | None, channel: str, offset: int, epoch: bytes, recovered: bool | None) -> bytes:
+    """`subscribed` with the channel's position; `recovered` only when the subscribe had `since`."""
+    data: dict[str, Any] = {"channel": channel, "offset": offset, "epoch": epoch.decode()}
+    if recovered is not None:
+        data["recovered"] = recovered
+    return reply("subscribed", id_, data)
+
+
+def unsubscribed_reply(id_: str | None, channel: str, reason: str | None = None) -> bytes:
+    """`unsubscribed`; with a `reason` when the server ended the subscription by itself."""
+    data = {"channel": channel} if reason is None else {"channel": channel, "reason": reason}
+    return reply("unsubscribed", id_, data)
+
+
+# The server's reason for ending a subscription whose client missed events that history no longer
+# holds (or whose channel restarted with a new epoch): resubscribe with `since` to learn the position.
+INSUFFICIENT_STATE = "insufficient_state"
+
+
+def parse_since(value: object) -> tuple[int, bytes] | None:
+    """`since` of a subscribe: {"offset": int >= 0, "epoch": str}, or RequestError."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError(ReplyCode.INVALID_REQUEST, "since must be an object {offset, epoch}")
+    offset, epoch = value.get("offset"), value.get("epoch")
+    if type(offset) is not int or not 0 <= offset < 1 << 63:
+        raise RequestError(ReplyCode.INVALID_REQUEST, "since.offset must be an integer >= 0")
+    if not isinstance(epoch, str) or len(epoch) > MAX_EPOCH_CHARS or not epoch.isascii():
+        raise RequestError(ReplyCode.INVALID_REQUEST, f"since.epoch must be a string of at most {MAX_EPOCH_CHARS} "
+                                                      "characters, as the server sent it")
+    return offset, epoch.encode()
+
+
+def parse_connect_since(text: str | None) -> tuple[int, bytes] | None:
+    """The connect URL's `since=OFFSET:EPOCH` for the personal channel; ValueError if malformed."""
+    if text is None:
+        return None
+    offset, sep, epoch = text.partition(":")
+    if not sep or not offset.isdigit() or len(offset) > 19 or not epoch or len(epoch) > MAX_EPOCH_CHARS \
+            or not epoch.isascii():
+        raise ValueError("since must be OFFSET:EPOCH, as the server sent them")
+    return int(offset), epoch.encode()
 
 
 def pong(id_: str | None) -> bytes:
@@ -188,11 +247,12 @@ class Session:
     One per connection, so kept small (slots, no bucket for a connection that never publishes)."""
 
     __slots__ = ("abuse_count", "abuse_window_start", "channels", "claims", "commands", "connection_id",
-                 "last_result", "last_type", "limits", "publishes", "wall_clock")
+                 "last_result", "last_type", "limits", "publishes", "since", "wall_clock")
 
     def __init__(self, claims: Claims, connection_id: str, limits: SessionLimits, now: float,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, since: tuple[int, bytes] | None = None) -> None:
         self.claims = claims
+        self.since = since  # the personal channel's position to resume from at connect
         self.wall_clock = wall_clock
         self.connection_id = connection_id
         self.limits = limits
@@ -207,14 +267,22 @@ class Session:
         self.last_result = ""  # ... and how it ended: ok, error, rate_limited or closed
 
     def open(self) -> list[Output]:
-        """On connect: join the personal channel, then say `connected`."""
+        """On connect: join the personal channel (resuming it from `since` when given), then say
+        `connected` with its position (`connected_reply`)."""
         personal = self.claims.personal_channel
         self.channels += (personal,)
-        connected = reply("connected", None, {
+        since, self.since = self.since, None
+        return [Join(personal, None, since, connect=True)]
+
+    def connected_reply(self, offset: int, epoch: bytes, recovered: bool | None) -> bytes:
+        personal: dict[str, Any] = {"channel": self.claims.personal_channel, "offset": offset,
+                                    "epoch": epoch.decode()}
+        if recovered is not None:
+            personal["recovered"] = recovered
+        return reply("connected", None, {
             "user_id": self.claims.sub, "connection_id": self.connection_id,
-            "expires_at": int(self.claims.exp),
+            "expires_at": int(self.claims.exp), "personal": personal,
         })
-        return [Join(personal, connected, None)]
 
     def forget(self, channel: str) -> None:
         """The glue could not complete a join: the channel is not held."""
@@ -238,7 +306,7 @@ class Session:
                 return [Send(pong(id_))]
             if type_ == "subscribe":
                 self.last_type = "subscribe"
-                return self._subscribe(_channel(data), id_, hub_up)
+                return self._subscribe(_channel(data), parse_since(data.get("since")), id_, hub_up)
             if type_ == "unsubscribe":
                 self.last_type = "unsubscribe"
                 return self._unsubscribe(_channel(data), id_)
@@ -253,10 +321,11 @@ class Session:
             return [Send(error_reply(exc, id_))]
 
     # -- commands ---------------------------------------------------------------------------------
-    def _subscribe(self, channel: str, id_: str | None, hub_up: bool) -> list[Output]:
-        ok = reply("subscribed", id_, {"channel": channel})
+    def _subscribe(self, channel: str, since: tuple[int, bytes] | None, id_: str | None,
+                   hub_up: bool) -> list[Output]:
         if channel in self.channels:
-            return [Send(ok)]  # idempotent
+            # Idempotent: already receiving it live, so nothing to resume; report the position.
+            return [Join(channel, id_, None, held=True)]
         if not self.claims.may_subscribe(channel):
             raise RequestError(ReplyCode.UNAUTHORIZED, f"token does not allow subscribing to {channel}")
         if len(self.channels) >= self.limits.max_subscriptions:
@@ -268,11 +337,10 @@ class Session:
         # its own copy parsed out of its subscribe.
         channel = sys.intern(channel)
         self.channels += (channel,)
-        failed = error_reply(RequestError(ReplyCode.SUBSCRIPTION_FAILED, "hub did not confirm the channel"), id_)
-        return [Join(channel, ok, failed)]
+        return [Join(channel, id_, since)]
 
     def _unsubscribe(self, channel: str, id_: str | None) -> list[Output]:
-        ok = Send(reply("unsubscribed", id_, {"channel": channel}))
+        ok = Send(unsubscribed_reply(id_, channel))
         if channel not in self.channels:
             return [ok]  # idempotent
         self.forget(channel)

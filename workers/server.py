@@ -34,7 +34,7 @@ from picows import (
     ws_create_server,
 )
 
-from hub.envelope import split_egress
+from hub.envelope import HISTORY_REQUEST, split_egress
 from tidings.config import Config
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
@@ -47,7 +47,17 @@ from workers.channels import Channel, ChannelRegistry, PendingJoin
 from workers.connection import ClientConnection, EchoConnection, FramedConnection, RejectedConnection, text_frame
 from workers.errors import CloseReason, ReplyCode, RequestError
 from workers.expiry import ExpiryQueue
-from workers.protocol import Join, Session, SessionLimits, error_reply
+from workers.protocol import (
+    INSUFFICIENT_STATE,
+    Join,
+    Session,
+    SessionLimits,
+    error_reply,
+    parse_connect_since,
+    subscribed_reply,
+    unsubscribed_reply,
+)
+from workers.recovery import ChannelRecovery, Outcome, Waiter, WaiterKind
 from workers.writer import LoopPassWriter
 
 TICK_SECONDS = 1.0  # housekeeping period: expiry precision and metrics freshness
@@ -68,14 +78,16 @@ class Worker:
         self.verifier = TokenVerifier.from_config(config)
         self.limits = SessionLimits.from_config(config)
         self.loop = asyncio.get_running_loop()
-        self.bus = HubBus(config.ingress_endpoint, config.egress_endpoint, config.hub_hwm,
-                          self.on_hub_messages, self.on_hub_state)
+        self.bus = HubBus(config.ingress_endpoint, config.egress_endpoint, config.requests_endpoint,
+                          config.hub_hwm, self.on_hub_messages, self.on_hub_state, self.on_hub_reply)
         self.channels = ChannelRegistry(self.bus.subscribe, self.bus.unsubscribe)
         self.connections: dict[ClientConnection, None] = {}
         self.echo_connections: set[EchoConnection] = set()
         self.per_user: Counter[str] = Counter()
         self.expiry = ExpiryQueue()
         self.ids = itertools.count(1)
+        self.request_ids = itertools.count(1)
+        self.reads: dict[bytes, Channel] = {}  # history reads in flight, by request id
         self.boot = secrets.token_hex(2)
         self.writer = LoopPassWriter(self.loop, self.bus.push_message, config.max_pending_bytes,
                                      self.drop_slow, self.on_publishes)
@@ -224,6 +236,13 @@ class Worker:
             self._sweep_idle(now)
         for late in self.channels.sweep(now, self.config.unsubscribe_grace):
             self._answer_late_join(late)
+        for channel in [c for c in self.reads.values() if c.recovery and c.recovery.deadline <= now]:
+            self.log.warning("hub did not answer a history read for %s within %.1fs", channel.name,
+                             self.config.subscribe_timeout)
+            recovery = channel.recovery
+            assert recovery is not None
+            self.reads.pop(recovery.read_id or b"", None)
+            self._finish_recovery(channel, recovery.give_up(), now)
         if len(self.connections) > self.fd_warn_at:
             self.fd_log.warning(now, "worker %d holds %d connections, near its file descriptor limit (%d): "
                                 "new connects are refused by the kernel until some leave; raise LimitNOFILE",
@@ -254,16 +273,19 @@ class Worker:
                 conn.send_ping(now)
 
     def _answer_late_join(self, late: PendingJoin) -> None:
-        conn = late.member
+        conn, join = late.member, late.join
         if conn.closed:
             return
-        if late.failed is None:
-            conn.send(late.ok)  # keep the membership: ZeroMQ re-sends the subscription
+        failed = join.failed
+        channel = self.channels.by_name[join.channel]
+        if failed is None:  # keep the membership: ZeroMQ re-sends the subscription
+            self.channels.add_member(channel, conn)
+            self._reply_join(conn, channel, join, False if join.since else None)
             return
-        self.channels.leave(conn, late.channel, self.loop.time())
-        conn.session.forget(late.channel)
-        self.log.warning("hub did not confirm %s within %.1fs", late.channel, self.config.subscribe_timeout)
-        conn.send(late.failed)
+        self.channels.leave(conn, join.channel, self.loop.time())
+        conn.session.forget(join.channel)
+        self.log.warning("hub did not confirm %s within %.1fs", join.channel, self.config.subscribe_timeout)
+        conn.send(failed)
 
     # == connections ==========================================================================
     def listener_factory(self, request: WSUpgradeRequest) -> WSListener | WSUpgradeResponseWithListener | None:
@@ -292,7 +314,12 @@ class Worker:
             return _http_error(403, b"origin not allowed")
         if target.path == "/echo":
             return EchoConnection(self)
-        token = urllib.parse.parse_qs(target.query).get("token", [None])[0]
+        query = urllib.parse.parse_qs(target.query)
+        token = query.get("token", [None])[0]
+        try:
+            since = parse_connect_since(query.get("since", [None])[0])
+        except ValueError as exc:
+            return _http_error(400, str(exc).encode())
         try:
             claims = self.verifier.verify(token, time.time())
         except AuthFailure as failure:
@@ -302,7 +329,7 @@ class Worker:
             return RejectedConnection(self, reason, error_reply(
                 RequestError(ReplyCode.UNAUTHORIZED, failure.client_message)))
         connection_id = f"{self.index}-{self.boot}-{next(self.ids)}"
-        return ClientConnection(self, Session(claims, connection_id, self.limits, self.loop.time()))
+        return ClientConnection(self, Session(claims, connection_id, self.limits, self.loop.time(), since=since))
 
     def _origin_allowed(self, request: WSUpgradeRequest) -> bool:
         origins = request.headers.getall("Origin", [])
@@ -343,19 +370,202 @@ class Worker:
             del self.per_user[sub]
         now = self.loop.time()
         for name in conn.session.channels:
-            self.channels.leave(conn, name, now)
+            self.channels.leave(conn, name, now)  # nothing to answer: the connection is gone
         self.stats.connections_closed[str(conn.close_code)] += 1
         self.expiry.forget()
         if self.stopping and not self.connections:
             self._finish_shutdown()  # everyone is gone before the window ended
 
-    def join(self, conn: ClientConnection, join: Join, now: float) -> bytes | None:
-        """conn joins a channel: the reply to send now, or None when it waits for the hub."""
-        return self.channels.join(conn, join.channel, join.ok, join.failed, now, self.config.subscribe_timeout)
+    # == channels: joins, positions and recovery ================================================
+    def join(self, conn: ClientConnection, join: Join, now: float) -> None:
+        """conn joins a channel: answered now when its position is known, else once the hub sent it."""
+        channel, known = self.channels.join(conn, join, now, self.config.subscribe_timeout)
+        if known:
+            self._answer_join(conn, channel, join, now)
 
-    def leave(self, conn: ClientConnection, channel: str, now: float) -> list[PendingJoin]:
-        """conn leaves a channel: its joins still waiting for the hub, to answer first."""
-        return self.channels.leave(conn, channel, now)
+    def leave(self, conn: ClientConnection, name: str, now: float) -> None:
+        """conn leaves a channel; a join of it still waiting is answered first, so replies keep
+        the order of the commands."""
+        pending, recovering = self.channels.leave(conn, name, now)
+        channel = self.channels.by_name.get(name)
+        for waiting in pending:
+            if channel is not None:
+                self._reply_join(conn, channel, waiting.join, False if waiting.join.since else None)
+        for waiter in recovering:
+            if channel is not None and waiter.kind != WaiterKind.HEAL:
+                self._reply_waiter(conn, channel, waiter, False)
+
+    def _answer_join(self, conn: ClientConnection, channel: Channel, join: Join, now: float) -> None:
+        """The channel's position is known: answer the join, or begin its recovery."""
+        recovered: bool | None = None
+        if join.since is not None:
+            offset, epoch = join.since
+            last = channel.last_offset
+            if epoch == channel.epoch and offset < last and last - offset <= self.config.recovery_max_events:
+                kind = WaiterKind.CONNECT if join.connect else WaiterKind.SUBSCRIBE
+                self._wait(channel, Waiter(conn, offset, kind, join.request_id), now)
+                return
+            # Nothing missed (recovered, no history needed), or nothing we can give: all or nothing.
+            recovered = epoch == channel.epoch and offset == last
+            self.stats.recoveries["recovered" if recovered else "not_recovered"] += 1
+            self.channels.add_member(channel, conn)
+        self._reply_join(conn, channel, join, recovered)
+
+    def _reply_join(self, conn: ClientConnection, channel: Channel, join: Join, recovered: bool | None) -> None:
+        if join.connect:
+            conn.send(conn.session.connected_reply(channel.last_offset, channel.epoch, recovered))
+        else:
+            conn.send(subscribed_reply(join.request_id, channel.name, channel.last_offset, channel.epoch, recovered))
+
+    def _reply_waiter(self, conn: ClientConnection, channel: Channel, waiter: Waiter, recovered: bool) -> None:
+        if waiter.kind == WaiterKind.CONNECT:
+            conn.send(conn.session.connected_reply(channel.last_offset, channel.epoch, recovered))
+        else:
+            conn.send(subscribed_reply(waiter.request_id, channel.name, channel.last_offset, channel.epoch, recovered))
+
+    def _wait(self, channel: Channel, waiter: Waiter, now: float) -> None:
+        recovery = channel.recovery
+        if recovery is None:
+            recovery = channel.recovery = ChannelRecovery()
+        recovery.waiters.append(waiter)
+        self._read(channel, now)
+
+    def _read(self, channel: Channel, now: float) -> None:
+        """Ask the hub for the history the channel's waiters need (one read in flight at a time)."""
+        recovery = channel.recovery
+        assert recovery is not None
+        since = recovery.next_read()
+        if since is None:
+            return
+        request_id = b"%d" % next(self.request_ids)
+        body = orjson.dumps({"channel": channel.name, "since": {"offset": since, "epoch": channel.epoch.decode()},
+                             "limit": self.config.recovery_max_events, "source": "worker"})
+        if not self.bus.request(HISTORY_REQUEST, request_id, body):
+            self.log.warning("cannot ask the hub for history of %s: hub unavailable", channel.name)
+            self._finish_recovery(channel, recovery.give_up(), now)
+            return
+        recovery.read_id, recovery.read_since = request_id, since
+        recovery.reads += 1
+        recovery.deadline = now + self.config.subscribe_timeout
+        self.reads[request_id] = channel
+
+    def on_hub_reply(self, frames: list[bytes]) -> None:
+        """A history read came back: settle the channel's waiters."""
+        if len(frames) < 3 or frames[0] != HISTORY_REQUEST:
+            return
+        channel = self.reads.pop(frames[1], None)
+        recovery = channel.recovery if channel is not None else None
+        if channel is None or recovery is None or recovery.read_id != frames[1]:
+            return  # answered too late: the recovery already gave up
+        now = self.loop.time()
+        header = orjson.loads(frames[2])
+        if not header.get("ok"):
+            self.log.warning("hub refused a history read for %s: %s", channel.name, header.get("error"))
+            outcomes = recovery.give_up()
+        else:
+            history = []
+            for message in frames[3:]:
+                _, offset, _, _, payload = split_egress(message)
+                history.append((offset, payload))
+            outcomes = recovery.settle(bool(header["covered"]), header["epoch"].encode() == channel.epoch,
+                                       history, channel.last_offset, self.config.recovery_max_events)
+        self._finish_recovery(channel, outcomes, now)
+
+    def _finish_recovery(self, channel: Channel, outcomes: list[Outcome], now: float) -> None:
+        """Send each settled waiter its events (or the news that there are none) and make it live."""
+        frames_for: dict[int, bytes] = {}  # since -> the joined frames: waiters of one position share them
+        for outcome in outcomes:
+            waiter, events = outcome.waiter, outcome.events
+            conn = waiter.member
+            if conn.closed or channel.name not in conn.session.channels:
+                continue
+            if waiter.kind == WaiterKind.HEAL:
+                self.stats.heals["healed" if events is not None else "signalled"] += 1
+                if events is None:
+                    self._signal(conn, channel, now)
+                    continue
+            else:
+                self.stats.recoveries["recovered" if events is not None else "not_recovered"] += 1
+                self._reply_waiter(conn, channel, waiter, events is not None)
+            self.channels.add_member(channel, conn)
+            if events:
+                frames = frames_for.get(waiter.since)
+                if frames is None:
+                    frames = frames_for[waiter.since] = b"".join(text_frame(p) for p in events)
+                self.writer.frame(conn, frames)
+                self.stats.deliveries += len(events)
+        recovery = channel.recovery
+        if recovery is not None:
+            if recovery.waiters:
+                self._read(channel, now)
+            else:
+                channel.recovery = None
+        self.writer.flush()
+
+    def _signal(self, conn: ClientConnection, channel: Channel, now: float) -> None:
+        """conn missed events nobody can give it any more: end its subscription with a reason, so
+        its client resubscribes with `since` and learns to refetch."""
+        self.channels.remove_member(channel, conn, now)
+        conn.session.forget(channel.name)
+        conn.send(unsubscribed_reply(None, channel.name, INSUFFICIENT_STATE))
+
+    def _heal(self, channel: Channel, since: int, top: int, now: float) -> None:
+        """Members missed since+1 .. top: they wait for history like a resuming client."""
+        for conn in list(channel.members):
+            self.channels.remove_member(channel, conn, now)
+            self._wait_quietly(channel, Waiter(conn, since, WaiterKind.HEAL))
+        channel.last_offset = top
+        if channel.recovery is not None:
+            self._read(channel, now)
+
+    def _wait_quietly(self, channel: Channel, waiter: Waiter) -> None:
+        if channel.recovery is None:
+            channel.recovery = ChannelRecovery()
+        channel.recovery.waiters.append(waiter)
+
+    def _restart(self, channel: Channel, top: int, epoch: bytes, now: float) -> None:
+        """The hub knows the channel under a new epoch (it restarted, or dropped the channel's
+        metadata): nobody's position means anything in it."""
+        self.log.info("channel %s restarted at the hub (epoch %s -> %s): %d member(s) told to resubscribe",
+                      channel.name, channel.epoch.decode(), epoch.decode(), len(channel.members))
+        channel.last_offset, channel.epoch = top, epoch
+        for conn in list(channel.members):
+            self._signal(conn, channel, now)
+        if channel.recovery is not None:
+            self.reads.pop(channel.recovery.read_id or b"", None)
+            self._finish_recovery(channel, channel.recovery.give_up(), now)
+
+    def _on_position(self, channel: Channel, top: int, epoch: bytes, now: float) -> None:
+        """The hub said where the channel stands (a worker subscribed to it, maybe this one)."""
+        if channel.confirmed:
+            # Another worker's subscription: a free check that this one lost nothing.
+            if epoch == channel.epoch and top > channel.last_offset and channel.recovery is None:
+                self._gap(channel.name, channel.last_offset, top + 1)
+                self._heal(channel, channel.last_offset, top, now)
+            return
+        if not channel.epoch:
+            channel.last_offset, channel.epoch = top, epoch
+        elif epoch != channel.epoch or top < channel.last_offset:
+            self._restart(channel, top, epoch, now)
+        elif top > channel.last_offset:  # events went by while the hub link was down
+            self._gap(channel.name, channel.last_offset, top + 1)
+            self._heal(channel, channel.last_offset, top, now)
+        for waiting in self.channels.confirm(channel):
+            if not waiting.member.closed:
+                self._answer_join(waiting.member, channel, waiting.join, now)
+
+    def _out_of_step(self, channel: Channel, offset: int, epoch: bytes, now: float) -> bool:
+        """An event that is not last + 1 of the channel's epoch: False to drop it."""
+        if not channel.epoch:
+            return True  # before the hub's position message: the first news of this channel
+        if epoch != channel.epoch:
+            self._restart(channel, offset - 1, epoch, now)
+            return True
+        if offset <= channel.last_offset:
+            return False  # already delivered
+        self._gap(channel.name, channel.last_offset, offset)
+        self._heal(channel, channel.last_offset, offset - 1, now)
+        return True  # held for the healing members (it is past the hole)
 
     # == hub ==================================================================================
     def on_hub_state(self, up: bool) -> None:
@@ -377,21 +587,20 @@ class Worker:
         events = 0
         hub_time = 0.0
         for message in batch:
-            event = split_egress(message)
-            if event is None:  # the hub confirmed a new subscription
-                for join in self.channels.confirm(message):
-                    if not join.member.closed:
-                        join.member.send(join.ok)
-                continue
-            topic, offset, hub_time, epoch, payload = event
+            topic, offset, hub_time, epoch, payload = split_egress(message)
             channel = by_topic.get(topic)
             if channel is None:
                 continue
-            last = channel.last_offset
-            if last and offset != last + 1 and epoch == channel.epoch:
-                self._gap(channel.name, last, offset)
+            if not payload:  # a position: the hub saw a subscription to this channel
+                self._on_position(channel, offset, epoch, self.loop.time())
+                continue
+            if (offset != channel.last_offset + 1 or epoch != channel.epoch) \
+                    and not self._out_of_step(channel, offset, epoch, self.loop.time()):
+                continue
             channel.last_offset = offset
             channel.epoch = epoch
+            if channel.recovery is not None:  # waiters get it from here, merged with history
+                channel.recovery.held.append((offset, payload))
             events += 1
             frame = text_frame(payload)
             queued = chunks.get(channel)
