@@ -144,6 +144,7 @@ def cmd_config(config: Config, args: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {value or '-':<28}  # {doc}")
     print(f"{'(hub ingress)':<{width}}  {config.ingress_endpoint}")
     print(f"{'(hub egress)':<{width}}  {config.egress_endpoint}")
+    print(f"{'(hub requests)':<{width}}  {config.requests_endpoint}")
     return 0
 
 
@@ -178,15 +179,17 @@ def cmd_publish(config: Config, args: argparse.Namespace) -> int:
         print(f"tidings publish: --data is not valid JSON: {exc}", file=sys.stderr)
         return 2
     try:
-        with Publisher(config.ingress_endpoint) as pub:
-            count = pub.broadcast(args.channel, args.event_type, data)
+        with Publisher(config.ingress_endpoint, requests=config.requests_endpoint) as pub:
+            positions = pub.broadcast_confirmed(args.channel, args.event_type, data)
     except EnvelopeError as exc:
         print(f"tidings publish: {exc}", file=sys.stderr)
         return 2
     except HubUnavailable as exc:
         print(f"tidings publish: {exc} (is `tidings run` or the hub running?)", file=sys.stderr)
         return 1
-    print(f"published {args.event_type} to {count} channel(s)")
+    print(f"published {args.event_type} to {len(positions)} channel(s)")
+    for position in positions:
+        print(f"  {position.channel}: offset {position.offset}, epoch {position.epoch}")
     return 0
 
 

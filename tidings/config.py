@@ -107,7 +107,8 @@ class Config:
     handshake_timeout: float = _setting(5.0, "seconds to complete the HTTP upgrade (slowloris)")
     idle_timeout: float = _setting(25.0, "seconds of silence before the server pings")
     pong_timeout: float = _setting(20.0, "seconds to answer that ping before the connection is dropped")
-    subscribe_timeout: float = _setting(2.0, "seconds to wait for the hub to confirm a new channel")
+    subscribe_timeout: float = _setting(2.0, "seconds to wait for the hub to confirm a new channel, answer a "
+                                             "history read or confirm a publish")
     unsubscribe_grace: float = _setting(1.0, "seconds a channel stays subscribed at the hub after its last "
                                              "local subscriber leaves (reconnects are cheap)")
     drain_window: float = _setting(10.0, "seconds over which a stopping worker closes its clients with 1001")

@@ -1,9 +1,18 @@
 """The HTTP side of a worker (aiohttp, SO_REUSEPORT on the API port): publish, metrics, health.
 
-POST /api/publish   {"channel", "type", "data"}          -> 200 {"ok": true, "channels": 1}
-POST /api/broadcast {"channels": [...], "type", "data"}  -> 200 {"ok": true, "channels": N}
+POST /api/publish   {"channel", "type", "data"}
+                    -> 200 {"ok": true, "channels": 1, "channel", "offset", "epoch"} once the hub stamped it
+POST /api/broadcast {"channels": [...], "type", "data"}
+                    -> 200 {"ok": true, "channels": N, "positions": [{"channel", "offset", "epoch"}, ...]}
+     either with "confirm": false -> 200 {"ok": true, "channels": N, "confirmed": false} as soon as the
+                    hub's socket took it: at most once, for backends that prefer speed to an answer
+GET  /api/history?channel=C[&since=OFFSET&epoch=E][&limit=N]
+                    -> 200 {"ok": true, "channel", "offset", "epoch", "covered", "events": [...]}
 GET  /metrics       Prometheus text, summed over every tidings process
 GET  /healthz       200 {"ok": true, "ready": ...} while this worker serves
+
+Errors: 400 invalid_request, 401 unauthorized, 503 hub_unavailable (the hub did not take or answer:
+the event was not published, or for a confirmed publish that timed out, may have been).
 
 It lives in the workers so the hub stays a lean forwarding loop and the API scales with the
 worker count; events go to the hub through the worker's PUSH socket, the same way a client
@@ -19,7 +28,15 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from hub.envelope import EnvelopeError, encode_event, ingress_record
+from hub.envelope import (
+    HISTORY_REQUEST,
+    PUBLISH_REQUEST,
+    EnvelopeError,
+    check_channel,
+    encode_event,
+    ingress_record,
+    split_egress,
+)
 from tidings.metrics import render_metrics
 
 if TYPE_CHECKING:
@@ -27,6 +44,8 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 1 << 20  # a broadcast to many channels with a 64 KiB payload still fits
 MAX_BROADCAST_CHANNELS = 1000
+DEFAULT_HISTORY_LIMIT = 100  # events a history read returns unless asked for more
+MAX_HISTORY_LIMIT = 10_000  # the hub's own cap on one read
 
 
 class BadRequest(Exception):
@@ -43,6 +62,7 @@ class PublishAPI:
         self.app = web.Application(client_max_size=MAX_BODY_BYTES)
         self.app.router.add_post("/api/publish", self.publish)
         self.app.router.add_post("/api/broadcast", self.broadcast)
+        self.app.router.add_get("/api/history", self.history)
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/healthz", self.healthz)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
@@ -95,15 +115,75 @@ class PublishAPI:
             return _json(400, {"ok": False, "error": "invalid_request", "message": str(exc)})
         except web.HTTPRequestEntityTooLarge:
             return _json(413, {"ok": False, "error": "invalid_request", "message": "body too large"})
+        confirm = body.get("confirm", True)
+        if not isinstance(confirm, bool):
+            return _json(400, {"ok": False, "error": "invalid_request", "message": "confirm must be true or false"})
         if not self.worker.hub_up:
             return _json(503, {"ok": False, "error": "hub_unavailable", "message": "hub is not connected"})
         # one message: the hub takes every channel of a broadcast or none of them
-        if not self.worker.bus.push_message(b"".join(ingress_record(t, b) for t, b in encoded)):
-            self.worker.stats.publishes_failed += len(encoded)
-            return _json(503, {"ok": False, "error": "hub_unavailable", "published": 0,
-                               "message": "hub did not take the event"})
+        message = b"".join(ingress_record(t, b) for t, b in encoded)
         sent = len(encoded)
-        return _json(200, {"ok": True, "channels": sent})
+        if not confirm:
+            if not self.worker.bus.push_message(message):
+                self.worker.stats.publishes_failed += sent
+                return _json(503, {"ok": False, "error": "hub_unavailable", "published": 0,
+                                   "message": "hub did not take the event"})
+            return _json(200, {"ok": True, "channels": sent, "confirmed": False})
+        frames = await self._ask(PUBLISH_REQUEST, message)
+        header = orjson.loads(frames[0]) if frames else {}
+        positions = header.get("positions")
+        if not header.get("ok") or not isinstance(positions, list) or len(positions) != sent:
+            self.worker.stats.publishes_failed += sent
+            return _json(503, {"ok": False, "error": "hub_unavailable", "published": 0,
+                               "message": "hub did not confirm the event" if frames is not None else
+                               "hub did not answer in time: the event may or may not have been published"})
+        names = list(dict.fromkeys(channels))
+        stamped = [{"channel": ch, "offset": offset, "epoch": epoch}
+                   for ch, (offset, epoch) in zip(names, positions, strict=True)]
+        if broadcast:
+            return _json(200, {"ok": True, "channels": sent, "positions": stamped})
+        return _json(200, {"ok": True, "channels": 1, **stamped[0]})
+
+    async def _ask(self, op: bytes, body: bytes) -> list[bytes] | None:
+        """One request to the hub: its reply frames, or None if it could not go or timed out."""
+        future: asyncio.Future[list[bytes] | None] = asyncio.get_running_loop().create_future()
+
+        def answer(frames: list[bytes] | None) -> None:
+            if not future.done():
+                future.set_result(frames)
+
+        if self.worker.request(op, body, answer) is None:
+            return None
+        return await future
+
+    async def history(self, request: web.Request) -> web.Response:
+        """A channel's kept events after a position (or the last `limit`), and where it stands."""
+        if not self._authorized(request):
+            self.worker.stats.auth_failures["api_key"] += 1
+            return _json(401, {"ok": False, "error": "unauthorized", "message": "bad or missing API key"})
+        query = request.rel_url.query
+        try:
+            channel = check_channel(query.get("channel"))
+            limit = int(query.get("limit", DEFAULT_HISTORY_LIMIT))
+            if not 0 <= limit <= MAX_HISTORY_LIMIT:
+                raise ValueError(f"limit must be 0 to {MAX_HISTORY_LIMIT}")
+            since: dict[str, Any] | None = None
+            if "since" in query or "epoch" in query:
+                if "since" not in query or "epoch" not in query:
+                    raise ValueError("since and epoch go together: the position the client last had")
+                since = {"offset": int(query["since"]), "epoch": query["epoch"]}
+                if since["offset"] < 0:
+                    raise ValueError("since must be an offset >= 0")
+        except (EnvelopeError, ValueError) as exc:
+            return _json(400, {"ok": False, "error": "invalid_request", "message": str(exc)})
+        frames = await self._ask(HISTORY_REQUEST, orjson.dumps({"channel": channel, "since": since, "limit": limit}))
+        header = orjson.loads(frames[0]) if frames else {}
+        if not header.get("ok"):
+            return _json(503, {"ok": False, "error": "hub_unavailable",
+                               "message": header.get("error", "hub did not answer")})
+        events = [orjson.Fragment(split_egress(m)[4]) for m in frames[1:]]  # type: ignore[index]
+        return _json(200, {"ok": True, "channel": channel, "offset": header["offset"], "epoch": header["epoch"],
+                           "covered": header["covered"], "events": events})
 
     async def metrics(self, request: web.Request) -> web.Response:
         self.worker.exporter.flush()  # this worker's freshest numbers; the others flush each second

@@ -279,13 +279,13 @@ class ClientConnection(FramedConnection):
         result = self.carry_out(outputs, session.last_result)
         if result == "rate_limited":
             stats.rate_limited += 1
-        if result != "queued":  # a queued publish is counted when its hub message leaves
+        if result != "queued":  # a queued publish is counted when the hub answers it
             stats.commands[(session.last_type, result)] += 1
         return None
 
     def carry_out(self, outputs: list[Output], result: str = "ok") -> str:
         """Do what the session decided; returns `result`, or "queued" for a publish whose reply
-        waits for the end of the loop pass (see LoopPassWriter)."""
+        waits for the hub (see LoopPassWriter)."""
         worker = self.worker
         for out in outputs:
             kind = type(out)

@@ -71,12 +71,16 @@ class Leave:
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs ~4x on this per-message path
 class Forward:
-    """Hand an encoded event to the hub; reply `ok` if it took it, else `failed`."""
+    """Hand an encoded event to the hub; once the hub stamped it, reply `published` with its
+    offset and epoch (`published`), else `failed`."""
 
     topic: bytes
     body: bytes
-    ok: bytes
+    channel: str
     request_id: str | None
+
+    def published(self, offset: int, epoch: bytes) -> bytes:
+        return reply("published", self.request_id, {"channel": self.channel, "offset": offset, "epoch": epoch.decode()})
 
     @property
     def failed(self) -> bytes:  # built only when needed: the hub almost always takes the event
@@ -369,7 +373,7 @@ class Session:
             raise RequestError(ReplyCode.INTERNAL_ERROR, "hub unavailable, event not published")
         # channel and type are checked above, and event_data came out of orjson: encode as is
         body = event_body(channel, type_, event_data, self.wall_clock())
-        return [Forward(topic_for(channel), body, reply("published", id_, {"channel": channel}), id_)]
+        return [Forward(topic_for(channel), body, channel, id_)]
 
     def _refuse(self, now: float, wait: float, id_: str | None) -> list[Output]:
         self.last_result = "rate_limited"

@@ -70,7 +70,6 @@ class ChannelRecovery:
     read_id: bytes | None = None  # the hub request in flight
     read_since: int = 0
     reads: int = 0
-    deadline: float = 0.0
 
     def next_read(self) -> int | None:
         """The position to read from, or None when a read is in flight or nobody waits."""

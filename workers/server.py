@@ -23,6 +23,7 @@ import socket
 import time
 import urllib.parse
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -34,7 +35,7 @@ from picows import (
     ws_create_server,
 )
 
-from hub.envelope import HISTORY_REQUEST, split_egress
+from hub.envelope import HISTORY_REQUEST, PUBLISH_REQUEST, split_egress
 from tidings.config import Config
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
@@ -49,6 +50,7 @@ from workers.errors import CloseReason, ReplyCode, RequestError
 from workers.expiry import ExpiryQueue
 from workers.protocol import (
     INSUFFICIENT_STATE,
+    Forward,
     Join,
     Session,
     SessionLimits,
@@ -87,10 +89,11 @@ class Worker:
         self.expiry = ExpiryQueue()
         self.ids = itertools.count(1)
         self.request_ids = itertools.count(1)
-        self.reads: dict[bytes, Channel] = {}  # history reads in flight, by request id
+        # Requests to the hub's ROUTER awaiting an answer: id -> (deadline, what to do with the
+        # reply frames after op and id, or None when the hub did not answer in time).
+        self.requests: dict[bytes, tuple[float, Callable[[list[bytes] | None], None]]] = {}
         self.boot = secrets.token_hex(2)
-        self.writer = LoopPassWriter(self.loop, self.bus.push_message, config.max_pending_bytes,
-                                     self.drop_slow, self.on_publishes)
+        self.writer = LoopPassWriter(self.loop, self.push_publishes, config.max_pending_bytes, self.drop_slow)
         self.hub_up = False
         self.ready = False
         self.stopping = False
@@ -236,13 +239,9 @@ class Worker:
             self._sweep_idle(now)
         for late in self.channels.sweep(now, self.config.unsubscribe_grace):
             self._answer_late_join(late)
-        for channel in [c for c in self.reads.values() if c.recovery and c.recovery.deadline <= now]:
-            self.log.warning("hub did not answer a history read for %s within %.1fs", channel.name,
-                             self.config.subscribe_timeout)
-            recovery = channel.recovery
-            assert recovery is not None
-            self.reads.pop(recovery.read_id or b"", None)
-            self._finish_recovery(channel, recovery.give_up(), now)
+        for request_id in [r for r, (deadline, _) in self.requests.items() if deadline <= now]:
+            _, answer = self.requests.pop(request_id)
+            answer(None)
         if len(self.connections) > self.fd_warn_at:
             self.fd_log.warning(now, "worker %d holds %d connections, near its file descriptor limit (%d): "
                                 "new connects are refused by the kernel until some leave; raise LimitNOFILE",
@@ -437,39 +436,78 @@ class Worker:
         since = recovery.next_read()
         if since is None:
             return
-        request_id = b"%d" % next(self.request_ids)
         body = orjson.dumps({"channel": channel.name, "since": {"offset": since, "epoch": channel.epoch.decode()},
                              "limit": self.config.recovery_max_events, "source": "worker"})
-        if not self.bus.request(HISTORY_REQUEST, request_id, body):
+        request_id = self.request(HISTORY_REQUEST, body, lambda frames: self._on_read(channel, frames))
+        if request_id is None:
             self.log.warning("cannot ask the hub for history of %s: hub unavailable", channel.name)
             self._finish_recovery(channel, recovery.give_up(), now)
             return
         recovery.read_id, recovery.read_since = request_id, since
         recovery.reads += 1
-        recovery.deadline = now + self.config.subscribe_timeout
-        self.reads[request_id] = channel
 
-    def on_hub_reply(self, frames: list[bytes]) -> None:
-        """A history read came back: settle the channel's waiters."""
-        if len(frames) < 3 or frames[0] != HISTORY_REQUEST:
-            return
-        channel = self.reads.pop(frames[1], None)
-        recovery = channel.recovery if channel is not None else None
-        if channel is None or recovery is None or recovery.read_id != frames[1]:
-            return  # answered too late: the recovery already gave up
+    def _on_read(self, channel: Channel, frames: list[bytes] | None) -> None:
+        """A history read came back (or timed out: None): settle the channel's waiters."""
+        recovery = channel.recovery
+        if recovery is None or recovery.read_id is None:
+            return  # the recovery ended meanwhile (the channel restarted)
         now = self.loop.time()
-        header = orjson.loads(frames[2])
-        if not header.get("ok"):
-            self.log.warning("hub refused a history read for %s: %s", channel.name, header.get("error"))
+        header = orjson.loads(frames[0]) if frames else None
+        if header is None or not header.get("ok"):
+            self.log.warning("no history for %s: %s", channel.name,
+                             "the hub did not answer in time" if header is None else header.get("error"))
             outcomes = recovery.give_up()
         else:
             history = []
-            for message in frames[3:]:
+            for message in frames[1:]:  # type: ignore[index]
                 _, offset, _, _, payload = split_egress(message)
                 history.append((offset, payload))
             outcomes = recovery.settle(bool(header["covered"]), header["epoch"].encode() == channel.epoch,
                                        history, channel.last_offset, self.config.recovery_max_events)
         self._finish_recovery(channel, outcomes, now)
+
+    # == requests to the hub ===================================================================
+    def request(self, op: bytes, body: bytes, answer: Callable[[list[bytes] | None], None]) -> bytes | None:
+        """Send a request to the hub; `answer` gets the reply (header, items...) or None after
+        subscribe_timeout. Returns the request id, or None when it could not be sent."""
+        request_id = b"%d" % next(self.request_ids)
+        if not self.hub_up or not self.bus.request(op, request_id, body):
+            return None
+        self.requests[request_id] = (self.loop.time() + self.config.subscribe_timeout, answer)
+        return request_id
+
+    def on_hub_reply(self, frames: list[bytes]) -> None:
+        if len(frames) < 3:
+            return
+        pending = self.requests.pop(frames[1], None)
+        if pending is not None:  # else answered after its deadline: already told it failed
+            pending[1](frames[2:])
+
+    def push_publishes(self, message: bytes, publishers: list[tuple[ClientConnection, Forward]]) -> bool:
+        """A loop pass's client publishes, one confirmed request: each is answered `published`
+        with its offset and epoch once the hub stamped it."""
+        sent = self.request(PUBLISH_REQUEST, message, lambda frames: self._answer_publishes(publishers, frames))
+        if sent is None:
+            self._count_publishes(len(publishers), False)
+        return sent is not None
+
+    def _answer_publishes(self, publishers: list[tuple[ClientConnection, Forward]],
+                          frames: list[bytes] | None) -> None:
+        header = orjson.loads(frames[0]) if frames else None
+        positions = header.get("positions") if header is not None and header.get("ok") else None
+        if positions is None or len(positions) != len(publishers):
+            self.log.warning("hub did not confirm %d publish(es): %s", len(publishers),
+                             "no answer in time" if header is None else header.get("error"))
+            for conn, forward in publishers:
+                if not conn.closed:
+                    conn.send(forward.failed)
+            self._count_publishes(len(publishers), False)
+            return
+        for (conn, forward), (offset, epoch) in zip(publishers, positions, strict=True):
+            if not conn.closed:
+                conn.send(forward.published(offset, epoch.encode()))
+        self._count_publishes(len(publishers), True)
+        self.writer.flush()
 
     def _finish_recovery(self, channel: Channel, outcomes: list[Outcome], now: float) -> None:
         """Send each settled waiter its events (or the news that there are none) and make it live."""
@@ -532,7 +570,6 @@ class Worker:
         for conn in list(channel.members):
             self._signal(conn, channel, now)
         if channel.recovery is not None:
-            self.reads.pop(channel.recovery.read_id or b"", None)
             self._finish_recovery(channel, channel.recovery.give_up(), now)
 
     def _on_position(self, channel: Channel, top: int, epoch: bytes, now: float) -> None:
@@ -627,10 +664,9 @@ class Worker:
         self.gap_log.warning(self.loop.time(), "missed %d event(s) on %s (offset %d after %d): "
                              "this worker fell behind the hub's high-water mark", missed, channel, offset, last)
 
-    def on_publishes(self, count: int, taken: bool) -> None:
-        """A loop pass's client publishes left for the hub in one message, or were refused."""
-        self.stats.commands[("publish", "ok" if taken else "error")] += count
-        if not taken:
+    def _count_publishes(self, count: int, confirmed: bool) -> None:
+        self.stats.commands[("publish", "ok" if confirmed else "error")] += count
+        if not confirmed:
             self.stats.publishes_failed += count
 
     def drop_slow(self, conn: FramedConnection) -> None:

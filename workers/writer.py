@@ -6,9 +6,9 @@ pass (one `call_soon`, no timer): each connection's frames in one `write`, and e
 publishes, so the syscalls and ZeroMQ calls are paid per pass, not per message; at a low rate a
 pass holds one of each and nothing waits.
 
-A publish's reply (`published`, or `internal_error` if the hub refuses the message) takes its
-place in the connection's queue when the publish is queued, and is filled in when the hub
-message leaves, just before the frames are written: replies stay in the order of the commands.
+A publish is answered when the hub has stamped it (`published` with its offset and epoch, from
+the worker's confirmation path), or at once with `internal_error` when the request cannot leave.
+The answer may therefore come after the replies to later commands: clients match replies by `id`.
 """
 
 from __future__ import annotations
@@ -26,24 +26,24 @@ class Writable(Protocol):
 
 
 class PublishReplies(Protocol):
-    ok: bytes  # the reply when the hub took the message
-
     @property
-    def failed(self) -> bytes: ...  # the reply when it did not
+    def failed(self) -> bytes: ...  # the reply when the hub did not take the event
+
+
+# (ingress message, [(connection, its publish), ...] in record order) -> False if it cannot leave
+PushPublishes = Callable[[bytes, list[tuple[Any, Any]]], bool]
 
 
 class LoopPassWriter:
-    def __init__(self, loop: asyncio.AbstractEventLoop, push_message: Callable[[bytes], bool],
-                 max_pending_bytes: int, on_slow: Callable[[Any], None],
-                 on_publishes: Callable[[int, bool], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, push_publishes: PushPublishes,
+                 max_pending_bytes: int, on_slow: Callable[[Any], None]) -> None:
         self.loop = loop
-        self.push_message = push_message  # hands one ingress message to the hub, False if refused
+        self.push_publishes = push_publishes  # sends one confirmed ingress message to the hub
         self.max_pending_bytes = max_pending_bytes
         self.on_slow = on_slow  # a connection over max_pending_bytes: the caller aborts it
-        self.on_publishes = on_publishes  # (count, taken by the hub): for metrics
         self.pending: dict[Any, list[bytes]] = {}
         self.records: list[bytes] = []  # ingress records of this pass's client publishes
-        self.replies: list[tuple[list[bytes], int, PublishReplies]] = []  # (queue, slot, replies)
+        self.publishers: list[tuple[Any, Any]] = []  # (connection, its publish), in record order
         self.scheduled = False
 
     # -- queueing ----------------------------------------------------------------------------
@@ -69,13 +69,9 @@ class LoopPassWriter:
         self._schedule()
 
     def publish(self, conn: Writable, record: bytes, replies: PublishReplies) -> None:
-        """Queue an ingress record for the hub and reserve conn's reply slot."""
-        queued = self.pending.get(conn)
-        if queued is None:
-            queued = self.pending[conn] = []
-        queued.append(b"")  # the reply goes here once the hub message has left
+        """Queue an ingress record for the hub; it leaves with the pass's other publishes."""
         self.records.append(record)
-        self.replies.append((queued, len(queued) - 1, replies))
+        self.publishers.append((conn, replies))
         self._schedule()
 
     def drop(self, conn: Writable) -> None:
@@ -89,14 +85,14 @@ class LoopPassWriter:
 
     # -- sending -----------------------------------------------------------------------------
     def _send_publishes(self) -> None:
-        records, replies = self.records, self.replies
+        records, publishers = self.records, self.publishers
         if not records:
             return
-        self.records, self.replies = [], []
-        taken = self.push_message(records[0] if len(records) == 1 else b"".join(records))
-        for queued, slot, reply in replies:
-            queued[slot] = text_frame(reply.ok if taken else reply.failed)
-        self.on_publishes(len(records), taken)
+        self.records, self.publishers = [], []
+        if not self.push_publishes(records[0] if len(records) == 1 else b"".join(records), publishers):
+            for conn, replies in publishers:
+                if not conn.closed:
+                    self.frame(conn, text_frame(replies.failed))
 
     def flush(self) -> None:
         """Send the pass's publishes, then write every connection's queue in one write each,

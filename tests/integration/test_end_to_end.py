@@ -64,10 +64,12 @@ def test_every_path_reaches_every_subscriber_once_on_both_workers(svc: TidingsSe
         pub.publish(channel, "status_update", {"n": 2})
     # 3. the HTTP API
     status, body = svc.publish_http(channel, "notification", {"n": 3})
-    assert (status, body) == (200, {"ok": True, "channels": 1})
-    # 4. over the socket, by one of the subscribers
+    assert status == 200 and body["ok"] is True and body["channels"] == 1 and body["channel"] == channel
+    assert body["offset"] == 3  # the CLI's and the Publisher's came first: confirmed means stamped
+    # 4. over the socket, by one of the subscribers: answered once the hub stamped it
     reply = clients[0].request("publish", {"channel": channel, "type": "chat_message", "data": {"n": 4}}, "p1")
-    assert reply == {"type": "published", "id": "p1", "data": {"channel": channel}}
+    assert reply == {"type": "published", "id": "p1",
+                     "data": {"channel": channel, "offset": 4, "epoch": body["epoch"]}}
 
     for i, c in enumerate(clients):
         events = [c.recv() for _ in range(4)]
@@ -93,9 +95,11 @@ def test_broadcast_over_http_reaches_each_channel(svc: TidingsService) -> None:
     b.subscribe("room:2")
     status, body = svc.api("/api/broadcast", {"channels": ["room:1", "room:2"], "type": "notification",
                                               "data": {"hello": True}})
-    assert (status, body) == (200, {"ok": True, "channels": 2})
-    assert a.recv()["channel"] == "room:1"
-    assert b.recv()["channel"] == "room:2"
+    assert status == 200 and body["ok"] is True and body["channels"] == 2
+    assert [(p["channel"], p["offset"]) for p in body["positions"]] == [("room:1", 1), ("room:2", 1)]
+    got_a, got_b = a.recv(), b.recv()
+    assert (got_a["channel"], got_a["offset"], got_a["epoch"]) == ("room:1", 1, body["positions"][0]["epoch"])
+    assert (got_b["channel"], got_b["offset"], got_b["epoch"]) == ("room:2", 1, body["positions"][1]["epoch"])
     a.nothing(0.2)
     b.nothing(0.2)
 
@@ -219,9 +223,10 @@ def test_subscribe_then_unsubscribe_at_once_answers_both_in_order(svc: TidingsSe
     c.nothing(0.5)
 
 
-def test_replies_keep_command_order_when_a_pass_batches_publishes(svc: TidingsService) -> None:
+def test_publishes_of_one_pass_are_confirmed_together_in_order(svc: TidingsService) -> None:
     # All frames in one TCP write, so one loop pass reads them: the publishes leave for the hub in
-    # one message and their `published` replies are filled in after the pongs were queued.
+    # one request, and each `published` comes once the hub stamped it, with its offset. The pongs
+    # need no hub, so they may come first: clients match replies by id.
     reader, _ = connect(svc.ws_url(svc.token("order-r", channels=["order:*"])))
     assert reader.subscribe("order:a")["type"] == "subscribed"
     c, _ = connect(svc.ws_url(svc.token("order-w", channels=["order:*"], publish=["order:*"])))
@@ -233,11 +238,15 @@ def test_replies_keep_command_order_when_a_pass_batches_publishes(svc: TidingsSe
     c.ws.sock.sendall(b"".join(ABNF.create_frame(orjson.dumps(m).decode(), ABNF.OPCODE_TEXT).format()
                                for m in msgs))
     replies = [c.recv() for _ in range(20)]
-    assert [(r["type"], r["id"]) for r in replies] == [
-        (kind, f"{letter}{i}") for i in range(10) for kind, letter in (("published", "p"), ("pong", "g"))]
+    pongs = [r["id"] for r in replies if r["type"] == "pong"]
+    published = [r for r in replies if r["type"] == "published"]
+    assert pongs == [f"g{i}" for i in range(10)]
+    assert [r["id"] for r in published] == [f"p{i}" for i in range(10)]
     events = [reader.recv() for _ in range(10)]
     assert [e["data"]["i"] for e in events] == list(range(10))
     assert [e["offset"] for e in events] == list(range(events[0]["offset"], events[0]["offset"] + 10))
+    # each publisher learns exactly where its event landed
+    assert [(r["data"]["offset"], r["data"]["epoch"]) for r in published] == [(e["offset"], e["epoch"]) for e in events]
 
 
 def test_connections_inherit_the_send_buffer(svc: TidingsService) -> None:

@@ -6,7 +6,6 @@ assertions only bound them generously, the benchmark suite measures speed.
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import socket
@@ -57,21 +56,26 @@ def test_hub_killed_clients_stay_connected_and_delivery_resumes() -> None:
             assert reply["data"]["code"] == "internal_error"
         # The supervisor restarts the hub; workers reconnect and their subscriptions come back.
         assert _wait(lambda: svc.children().get("hub") not in (None, old_hub))
-        n = 0
-        received = None
-        while received is None and time.monotonic() - killed_at < 15:
-            n += 1
-            svc.publish_http("conversation:hk", "chat_message", {"n": n})
-            try:
-                received = clients[-1].recv(0.1)
-            except (websocket.WebSocketTimeoutException, TimeoutError):
-                pass
+        # The new hub knows the channel under a new epoch (no persistence): every subscriber is told
+        # its position means nothing any more, and resubscribes with it to learn the new one.
+        # (Their personal channels too: every channel of the old hub is gone.)
+        for c in clients:
+            told = [c.recv(15), c.recv(15)]
+            assert all(t["type"] == "unsubscribed" and t["data"]["reason"] == "insufficient_state" for t in told)
+            assert sorted(t["data"]["channel"] for t in told)[0] == "conversation:hk"
+            assert sorted(t["data"]["channel"] for t in told)[1].startswith("user:hubkill-")
         gap = time.monotonic() - killed_at
-        print(f"\nhub kill -> first cross-worker delivery after restart: {gap:.2f}s")
-        assert received is not None and received["type"] == "chat_message"
+        print(f"\nhub kill -> every subscriber told to resubscribe after {gap:.2f}s")
+        for c in clients:
+            again = c.request("subscribe", {"channel": "conversation:hk", "since": {"offset": 0, "epoch": "old"}})
+            assert again["type"] == "subscribed" and again["data"]["recovered"] is False, again
+        status, body = svc.publish_http("conversation:hk", "chat_message", {"n": "after"})
+        assert status == 200, body
+        for c in clients:
+            event = c.recv()
+            assert (event["data"], event["offset"], event["epoch"]) == ({"n": "after"}, body["offset"], body["epoch"])
         # No client connection closed: every one still answers.
         for c in clients:
-            c.backlog.clear()
             assert c.request("ping", id_="after")["type"] == "pong"
 
 
@@ -188,9 +192,14 @@ def test_dead_peer_is_dropped_after_ping_timeout() -> None:
         assert lively.request("ping", id_="still")["type"] == "pong"
 
 
-def test_stalled_worker_gaps_are_counted_and_others_lose_nothing() -> None:
+@pytest.mark.parametrize("history", ["enough", "too_little"])
+def test_stalled_worker_heals_from_history_or_signals_and_others_lose_nothing(history: str) -> None:
     # A small high-water mark so a stalled worker overflows the hub's queue quickly.
-    with TidingsService(workers=2, env={"TIDINGS_HUB_HWM": "300"}) as svc:
+    env = {"TIDINGS_HUB_HWM": "300"}
+    if history == "enough":
+        env |= {"TIDINGS_HISTORY": "conversation=3000/300s", "TIDINGS_RECOVERY_MAX_EVENTS": "3000"}
+    total = 1500
+    with TidingsService(workers=2, env=env) as svc:
         by_worker = _both_workers(svc, "stall-", n=8)
         for cs in by_worker.values():
             for c in cs:
@@ -203,37 +212,50 @@ def test_stalled_worker_gaps_are_counted_and_others_lose_nothing() -> None:
             received: dict[int, list[int]] = {}
 
             def read(i: int, c: Client) -> None:  # the running worker's clients keep reading
-                received[i] = [c.recv(10)["data"]["n"] for _ in range(2000)]
+                received[i] = [c.recv(10)["data"]["n"] for _ in range(total)]
 
             readers = [threading.Thread(target=read, args=(i, c)) for i, c in enumerate(by_worker["0"])]
             for t in readers:
                 t.start()
             with Publisher(f"ipc://{svc.runtime_dir}/ingress") as pub:
-                for n in range(2000):
+                for n in range(total):
                     pub.publish("conversation:stall", "chat_message", {"n": n, "pad": "x" * 2000})
                     if n % 10 == 9:
                         time.sleep(0.005)  # a pace the running worker keeps up with
             for t in readers:
                 t.join(30)
-            assert list(received.values()) == [list(range(2000))] * len(by_worker["0"])
+            assert list(received.values()) == [list(range(total))] * len(by_worker["0"])
         finally:
             os.kill(stalled, signal.SIGCONT)
         # Dropped events are the newest ones, so the next event is what reveals the jump.
         time.sleep(0.5)
-        svc.publish_http("conversation:stall", "chat_message", {"n": "after"})
-        # The stalled worker's clients see a jump in offsets; the worker counts and logs it.
-        offsets = []
-        c = by_worker["1"][0]
-        try:
-            while True:
-                offsets.append(c.recv(1.0)["offset"])
-        except (websocket.WebSocketTimeoutException, TimeoutError):
-            pass
-        assert 0 < len(offsets) < 2000
-        assert any(b - a > 1 for a, b in itertools.pairwise(offsets)) or offsets[0] > 1
+        status, after = svc.publish_http("conversation:stall", "chat_message", {"n": "after"})
+        assert status == 200
         assert svc.wait_for_log("missed")
+        for c in by_worker["1"]:
+            got = []
+            try:
+                while True:
+                    got.append(c.recv(1.0))
+            except (websocket.WebSocketTimeoutException, TimeoutError):
+                pass
+            offsets = [m["offset"] for m in got if "offset" in m]
+            if history == "enough":
+                # healed: every event exactly once, in order, the history spliced before "after"
+                assert [m["data"]["n"] for m in got] == [*range(total), "after"]
+                assert offsets == list(range(1, total + 2))
+            else:
+                # not enough history: what arrived is in order, then the client is told to resubscribe
+                assert got[-1] == {"type": "unsubscribed",
+                                   "data": {"channel": "conversation:stall", "reason": "insufficient_state"}}
+                assert offsets == list(range(1, len(offsets) + 1)) and len(offsets) < total
+                again = c.request("subscribe", {"channel": "conversation:stall",
+                                                "since": {"offset": offsets[-1], "epoch": after["epoch"]}})
+                assert again["data"]["recovered"] is False and again["data"]["offset"] == after["offset"]
+        metric = "healed" if history == "enough" else "signalled"
         deadline = time.monotonic() + 5
-        while "tidings_offset_gaps_total 0.0" in svc.metrics() and time.monotonic() < deadline:
+        while f'tidings_gap_heals_total{{result="{metric}"}}' not in svc.metrics() and time.monotonic() < deadline:
             time.sleep(0.2)
+        assert f'tidings_gap_heals_total{{result="{metric}"}}' in svc.metrics()
         gaps = [line for line in svc.metrics().splitlines() if line.startswith("tidings_offset_gaps_total ")]
         assert gaps and float(gaps[0].split()[1]) > 0

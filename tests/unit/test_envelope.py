@@ -21,6 +21,7 @@ from hub.envelope import (
     check_channel,
     check_event_type,
     egress_event,
+    egress_position,
     encode_event,
     event_body,
     ingress_record,
@@ -251,13 +252,24 @@ def test_egress_round_trip(offset: int) -> None:
     message = egress_event(topic, offset, NOW, EPOCH, body)
     assert message.startswith(b"conversation:conv-1\0")  # so a SUB to the topic still matches
     assert len(message) == len(topic) + STAMP.size + len(body) + len(f',"offset":{offset},"epoch":""') + EPOCH_BYTES
-    got_topic, got_offset, hub_time, epoch, payload = split_egress(message)  # type: ignore[misc]
+    got_topic, got_offset, hub_time, epoch, payload = split_egress(message)
     assert (got_topic, got_offset, hub_time, epoch) == (topic, offset, NOW, EPOCH)
     assert json.loads(payload)["offset"] == offset
 
 
-def test_a_topic_alone_is_a_subscription_confirmation() -> None:
-    assert split_egress(b"conversation:conv-1\0") is None
+@pytest.mark.parametrize("top", [0, 1, 41, 2**64 - 1])
+def test_a_position_is_a_stamp_with_an_empty_payload(top: int) -> None:
+    # the hub's answer to a new subscription: where the channel stands, no event
+    topic = topic_for("conversation:conv-1")
+    message = egress_position(topic, top, NOW, EPOCH)
+    assert message == topic + STAMP.pack(top, NOW, EPOCH) and len(message) == len(topic) + STAMP.size
+    assert split_egress(message) == (topic, top, NOW, EPOCH, b"")
+
+
+def test_a_position_and_an_event_tell_apart_by_their_payload() -> None:
+    topic, body = encode_event("conversation:conv-1", "x", {}, now=NOW)
+    assert split_egress(egress_position(topic, 5, NOW, EPOCH))[4] == b""
+    assert split_egress(egress_event(topic, 5, NOW, EPOCH, body))[4]  # an event's payload is never empty
 
 
 def test_egress_refuses_negative_offsets() -> None:
@@ -268,7 +280,7 @@ def test_egress_refuses_negative_offsets() -> None:
 def test_client_payload_is_the_event_plus_offset_and_epoch() -> None:
     data = {"conversation_id": "conv-123", "content": "Hello \"there\" \u00e9\u2603 }"}
     topic, body = encode_event("conversation:conv-123", "chat_message", data, now=NOW)
-    payload = split_egress(egress_event(topic, 17, NOW, EPOCH, body))[4]  # type: ignore[index]
+    payload = split_egress(egress_event(topic, 17, NOW, EPOCH, body))[4]
     message = json.loads(payload)
     assert message == {"type": "chat_message", "channel": "conversation:conv-123", "data": data,
                        "timestamp": "2025-11-27T22:47:51.123Z", "offset": 17, "epoch": EPOCH.decode()}

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from workers.errors import RATE_ABUSE, ReplyCode
-from workers.protocol import MAX_DEPTH, Close, Forward, Join, Leave, Send, SessionLimits
+from workers.protocol import MAX_DEPTH, Close, Forward, Join, Leave, Send, SessionLimits, subscribed_reply
 
-from .helpers import Clock, make_claims, make_client
+from .helpers import Clock, forward_reply, make_claims, make_client
 
 FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.data_too_large])
@@ -39,8 +39,14 @@ scalars = st.one_of(
 )
 json_values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(any_text, inner, max_size=4)), max_leaves=8)
+since_values = st.one_of(
+    st.fixed_dictionaries({"offset": st.one_of(st.integers(min_value=-2, max_value=2**64), scalars),
+                           "epoch": st.one_of(st.sampled_from(["3f2a9c0d1e5b7a88", "", "x" * 65]), any_text, scalars)}),
+    json_values,
+)
 command_data = st.fixed_dictionaries({}, optional={
     "channel": st.one_of(channelish, json_values),
+    "since": since_values,
     "type": st.one_of(st.sampled_from(["chat_message", "notification", "error", "pong", "Bad", "x.y"]), json_values),
     "data": json_values,
 })
@@ -114,10 +120,19 @@ def check_outputs(outputs: list[Any]) -> None:
         if isinstance(out, Send):
             check_frame(out.payload)
         elif isinstance(out, Join):
-            assert check_frame(out.ok)["type"] == "subscribed"
-            assert out.failed is not None and check_frame(out.failed)["data"]["code"] == "subscription_failed"
+            # the glue answers with the channel's position: whatever the request, that is a valid frame
+            assert not out.connect  # only Session.open joins the personal channel at connect
+            ok = check_frame(subscribed_reply(out.request_id, out.channel, 7, b"3f2a9c0d1e5b7a88", None))
+            assert ok["type"] == "subscribed" and ok["data"]["channel"] == out.channel
+            if out.since is not None:
+                offset, epoch = out.since
+                assert type(offset) is int and 0 <= offset < 2**63 and isinstance(epoch, bytes) and epoch.isascii()
+                assert not out.held  # a channel already held is not resumed
+            assert out.failed is not None or out.held  # a new subscribe is undone if the hub does not answer
+            if out.failed is not None:
+                assert check_frame(out.failed)["data"]["code"] == "subscription_failed"
         elif isinstance(out, Forward):
-            assert check_frame(out.ok)["type"] == "published"
+            assert check_frame(forward_reply(out))["type"] == "published"
             assert check_frame(out.failed)["type"] == "error"
             event = json.loads(out.body)
             assert out.topic == event["channel"].encode() + b"\0"

@@ -48,7 +48,9 @@ class Conn:
 
 @dataclass
 class Replies:
-    ok: bytes
+    """A publish's reply when the hub did not take it (`published` comes from the worker's
+    confirmation path, once the hub stamped the event: not the writer's business)."""
+
     failed: bytes
 
 
@@ -56,15 +58,15 @@ class Harness:
     def __init__(self, hub_takes: bool = True, cap: int = 1000) -> None:
         self.loop = Loop()
         self.hub: list[bytes] = []
+        self.publishers: list[list[tuple[Any, Any]]] = []  # who published, per hub message
         self.hub_takes = hub_takes
         self.slow: list[Conn] = []
-        self.counted: list[tuple[int, bool]] = []
-        self.writer = LoopPassWriter(self.loop, self.push, cap, self.slow.append,  # type: ignore[arg-type]
-                                     lambda n, taken: self.counted.append((n, taken)))
+        self.writer = LoopPassWriter(self.loop, self.push, cap, self.slow.append)  # type: ignore[arg-type]
 
-    def push(self, message: bytes) -> bool:
+    def push(self, message: bytes, publishers: list[tuple[Any, Any]]) -> bool:
         if self.hub_takes:
             self.hub.append(message)
+            self.publishers.append(publishers)
         return self.hub_takes
 
 
@@ -92,39 +94,65 @@ def test_fan_out_queues_the_same_bytes_for_every_member() -> None:
     assert [m.raw.writes for m in members] == [[data]] * 3
 
 
-def test_publishes_of_a_pass_leave_in_one_hub_message_and_replies_keep_command_order() -> None:
+def test_publishes_of_a_pass_leave_in_one_hub_message_with_their_publishers_in_record_order() -> None:
     h, a, b = Harness(), Conn(), Conn()
     one, two = ingress_record(b"a:b\0", b'{"n":1}'), ingress_record(b"a:c\0", b'{"n":2}')
-    h.writer.publish(a, one, Replies(b"published-1", b"failed-1"))
+    ra, rb = Replies(b"failed-1"), Replies(b"failed-2")
+    h.writer.publish(a, one, ra)
     h.writer.frame(a, text_frame(b"pong"))  # a ping answered after the publish
-    h.writer.publish(b, two, Replies(b"published-2", b"failed-2"))
+    h.writer.publish(b, two, rb)
+    assert h.hub == []  # nothing leaves before the pass ends
     h.loop.run_pass_end()
     assert h.hub == [one + two]
     assert read_ingress(h.hub[0], 100)[0] == [(b"a:b\0", b'{"n":1}'), (b"a:c\0", b'{"n":2}')]
-    assert a.raw.writes == [frames(b"published-1", b"pong")]
-    assert b.raw.writes == [frames(b"published-2")]
-    assert h.counted == [(2, True)]
+    assert h.publishers == [[(a, ra), (b, rb)]]  # the hub's positions come back in this order
+    # `published` waits for the hub's answer; the ping's reply does not wait for it
+    assert a.raw.writes == [frames(b"pong")]
+    assert b.raw.writes == []
 
 
-def test_a_refused_hub_message_fails_every_publish_of_the_pass_in_place() -> None:
-    h, a = Harness(hub_takes=False), Conn()
-    h.writer.publish(a, ingress_record(b"a:b\0", b"{}"), Replies(b"ok", b"failed"))
-    h.writer.frame(a, text_frame(b"pong"))
+def test_each_pass_sends_its_own_publishes() -> None:
+    h, a = Harness(), Conn()
+    one, two = ingress_record(b"a:b\0", b'{"n":1}'), ingress_record(b"a:b\0", b'{"n":2}')
+    h.writer.publish(a, one, Replies(b"failed"))
     h.loop.run_pass_end()
-    assert a.raw.writes == [frames(b"failed", b"pong")]
-    assert h.counted == [(1, False)]
+    h.writer.publish(a, two, Replies(b"failed"))
+    h.loop.run_pass_end()
+    assert h.hub == [one, two] and len(h.publishers) == 2
+
+
+def test_a_refused_hub_message_fails_every_publish_of_the_pass() -> None:
+    h, a, b, gone = Harness(hub_takes=False), Conn(), Conn(), Conn()
+    h.writer.publish(a, ingress_record(b"a:b\0", b"{}"), Replies(b"failed-a"))
+    h.writer.frame(a, text_frame(b"pong"))
+    h.writer.publish(b, ingress_record(b"a:b\0", b"{}"), Replies(b"failed-b"))
+    h.writer.publish(gone, ingress_record(b"a:b\0", b"{}"), Replies(b"failed-gone"))
+    gone.closed = True
+    h.loop.run_pass_end()
+    # answered in the same pass, after what was already queued: clients match replies by id
+    assert a.raw.writes == [frames(b"pong", b"failed-a")]
+    assert b.raw.writes == [frames(b"failed-b")]
+    assert gone.raw.writes == []
 
 
 def test_flush_one_sends_the_pending_publishes_first() -> None:
-    # A close flushes one connection at once; its publish reply must not be an empty slot.
+    # A close flushes one connection at once: the publishes queued before it still leave.
     h, a = Harness(), Conn()
-    h.writer.publish(a, ingress_record(b"a:b\0", b"{}"), Replies(b"ok", b"failed"))
+    h.writer.publish(a, ingress_record(b"a:b\0", b"{}"), Replies(b"failed"))
     h.writer.frame(a, text_frame(orjson.dumps({"type": "error"})))
     h.writer.flush_one(a)
     assert len(h.hub) == 1
-    assert a.raw.writes == [frames(b"ok", b'{"type":"error"}')]
+    assert a.raw.writes == [frames(b'{"type":"error"}')]
     h.loop.run_pass_end()  # nothing left for the pass
     assert len(a.raw.writes) == 1 and len(h.hub) == 1
+
+
+def test_flush_one_with_the_hub_refusing_writes_the_failure_too() -> None:
+    h, a = Harness(hub_takes=False), Conn()
+    h.writer.publish(a, ingress_record(b"a:b\0", b"{}"), Replies(b"failed"))
+    h.writer.frame(a, text_frame(b"bye"))
+    h.writer.flush_one(a)
+    assert a.raw.writes == [frames(b"bye", b"failed")]
 
 
 def test_a_reader_over_the_cap_is_reported_and_not_written() -> None:
