@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hub.envelope import topic_for
-from workers.errors import RATE_ABUSE, ReplyCode
+from workers.errors import RATE_ABUSE, ReplyCode, RequestError
 from workers.protocol import (
     ABUSE_WINDOW,
     INSUFFICIENT_STATE,
@@ -27,7 +27,6 @@ from workers.protocol import (
     subscribed_reply,
     unsubscribed_reply,
 )
-from workers.errors import RequestError
 
 from .helpers import (
     Clock,
@@ -350,12 +349,12 @@ def test_subscribe_with_null_since_is_a_plain_subscribe() -> None:
     {"offset": -1, "epoch": EPOCH}, {"offset": 1 << 63, "epoch": EPOCH}, {"offset": 1.0, "epoch": EPOCH},
     {"offset": "41", "epoch": EPOCH}, {"offset": True, "epoch": EPOCH}, {"offset": None, "epoch": EPOCH},
     {"offset": 41, "epoch": 7}, {"offset": 41, "epoch": None}, {"offset": 41, "epoch": "x" * (MAX_EPOCH_CHARS + 1)},
-    {"offset": 41, "epoch": "épоch"},
+    {"offset": 41, "epoch": "\u00e9poch"},
 ])
 def test_subscribe_with_a_bad_since_is_invalid_and_holds_nothing(since: object) -> None:
     client = make_client()
-    data = assert_error_code(client.send({"type": "subscribe", "id": "s", "data": {"channel": CHANNEL, "since": since}}),
-                             INVALID, "s")
+    message = {"type": "subscribe", "id": "s", "data": {"channel": CHANNEL, "since": since}}
+    data = assert_error_code(client.send(message), INVALID, "s")
     assert "since" in data["message"]
     assert client.session.channels == ()
 
@@ -389,7 +388,7 @@ def test_parse_connect_since_accepts(text: str | None, expected: object) -> None
 
 @pytest.mark.parametrize("text", [
     "", "41", "41" + EPOCH, ":" + EPOCH, "41:", "-1:" + EPOCH, "+1:" + EPOCH, " 1:" + EPOCH, "x:" + EPOCH,
-    "1.5:" + EPOCH, "9" * 20 + ":e", "5:" + "x" * (MAX_EPOCH_CHARS + 1), "5:épоch",
+    "1.5:" + EPOCH, "9" * 20 + ":e", "5:" + "x" * (MAX_EPOCH_CHARS + 1), "5:\u00e9poch",
 ])
 def test_parse_connect_since_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="OFFSET:EPOCH"):
