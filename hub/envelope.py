@@ -182,10 +182,18 @@ def read_ingress(message: bytes, max_body: int) -> tuple[list[tuple[bytes, bytes
 
 
 # -- egress ----------------------------------------------------------------------------------------
+EGRESS = b'%b%b%b,"offset":%d%b'  # topic, stamp, body without its "}", offset, epoch_tail(epoch)
+
+
+def epoch_tail(epoch: bytes) -> bytes:
+    """What closes every payload of an epoch: kept per channel, so an event formats in one step."""
+    return b',"epoch":"%b"}' % epoch
+
+
 def egress_event(topic: bytes, offset: int, hub_time: float, epoch: bytes, body: bytes) -> bytes:
-    """The hub's message for one event: topic, stamp, then the exact client payload."""
-    return b'%b%b%b,"offset":%d,"epoch":"%b"}' % (
-        topic, STAMP.pack(offset, hub_time, epoch), memoryview(body)[:-1], offset, epoch)
+    """The hub's message for one event: topic, stamp, then the exact client payload.
+    (The hub's own hot path, HistoryStore.stamp, formats EGRESS with the channel's kept tail.)"""
+    return EGRESS % (topic, STAMP.pack(offset, hub_time, epoch), body[:-1], offset, epoch_tail(epoch))
 
 
 def egress_position(topic: bytes, top: int, hub_time: float, epoch: bytes) -> bytes:

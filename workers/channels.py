@@ -63,6 +63,8 @@ class ChannelRegistry:
             self.by_name[name] = channel
             self.by_topic[channel.topic] = channel
             self._subscribe(channel.topic)
+        if join.held:
+            return channel, True  # already a member (or recovering): answered with what is known now
         if join.since is None:
             self.add_member(channel, member)
         channel.empty_since = None
@@ -109,9 +111,9 @@ class ChannelRegistry:
         self.remove_member(channel, member, now)
         waiting: list[PendingJoin] = []
         if channel.pending:
-            waiting = [p for p in channel.pending if p.member is member]
+            waiting = [p for p in channel.pending if p.member == member]
             if waiting:
-                channel.pending = [p for p in channel.pending if p.member is not member] or None
+                channel.pending = [p for p in channel.pending if p.member != member] or None
         recovering = channel.recovery.remove(member) if channel.recovery is not None else []
         if not channel.members and channel.empty_since is None:
             channel.empty_since = now

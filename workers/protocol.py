@@ -58,7 +58,7 @@ class Join:
 
     @property
     def failed(self) -> bytes | None:
-        if self.connect:
+        if self.connect or self.held:
             return None
         return error_reply(RequestError(ReplyCode.SUBSCRIPTION_FAILED, "hub did not confirm the channel"),
                            self.request_id)
@@ -148,8 +148,8 @@ def parse_connect_since(text: str | None) -> tuple[int, bytes] | None:
     if text is None:
         return None
     offset, sep, epoch = text.partition(":")
-    if not sep or not offset.isdigit() or len(offset) > 19 or not epoch or len(epoch) > MAX_EPOCH_CHARS \
-            or not epoch.isascii():
+    digits = offset.isascii() and offset.isdigit() and len(offset) <= 19  # fits the hub's uint64
+    if not sep or not digits or not epoch or len(epoch) > MAX_EPOCH_CHARS or not epoch.isascii():
         raise ValueError("since must be OFFSET:EPOCH, as the server sent them")
     return int(offset), epoch.encode()
 

@@ -114,7 +114,7 @@ class ChannelRecovery:
 
     def remove(self, member: Any) -> list[Waiter]:
         """member left the channel: its waiters, to answer."""
-        gone = [w for w in self.waiters if w.member is member]
+        gone = [w for w in self.waiters if w.member == member]
         if gone:
-            self.waiters = [w for w in self.waiters if w.member is not member]
+            self.waiters = [w for w in self.waiters if w.member != member]
         return gone

@@ -89,13 +89,16 @@ def csv_str(text: str) -> list[str]:
 def run_case(
     scenario: str, case: str, params: dict[str, Any], kinds: list[str], args: argparse.Namespace,
     fn: Callable[[Server], Run | list[Run]], fresh_per_run: bool = False,
-    make: Callable[[str, int], Server] = make_server,
+    make: Callable[[str, int], Server] | None = None,
 ) -> list[Case]:
     """Run fn `args.runs` times against each server kind; one Case per (kind, sub-case).
 
     Runs are interleaved (baseline 1, tidings 1, baseline 2, ...) with both servers up, so that
     the other load on a shared machine drifts over both servers alike and the ratio stays fair.
     `make(kind, workers)` builds the server (NoServer for a scenario that starts its own)."""
+    if make is None:
+        env = tidings_env(args)
+        make = lambda kind, workers: make_server(kind, workers, env)  # noqa: E731
     out: dict[tuple[str, str], Case] = {}
     servers: dict[str, Server] = {}
     failed: set[str] = set()
@@ -133,6 +136,12 @@ def run_case(
         for server in servers.values():
             server.stop()
     return list(out.values())
+
+
+def tidings_env(args: argparse.Namespace) -> dict[str, str]:
+    """Settings the bench gives the tidings server on top of its own (--history)."""
+    history = getattr(args, "history", None)
+    return {} if history is None else {"TIDINGS_HISTORY": history}
 
 
 def fanout_cases(args: argparse.Namespace, kinds: list[str]) -> list[Case]:
@@ -246,7 +255,8 @@ def hub_alone_cases(args: argparse.Namespace, kinds: list[str]) -> list[Case]:
     # a short run is a few 10 ms ticks of hub CPU, too coarse for the target
     n = args.hub_events
     return run_case("hub_alone", f"events={n}", {"events": n}, _tidings_only("hub_alone", kinds), args,
-                    lambda srv: scenarios.hub_alone(events=n), make=lambda kind, workers: NoServer(kind))
+                    lambda srv: scenarios.hub_alone(events=n, env=tidings_env(args)),
+                    make=lambda kind, workers: NoServer(kind))
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -387,6 +397,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="tidings workers (2)")
     p.add_argument("--clients", type=int, default=2, help="load-client processes for subscribers (2)")
     p.add_argument("--out", default=str(LOADTEST / "results"), help="raw JSON results directory")
+    p.add_argument("--history", default=None, metavar="SPEC",
+                   help="TIDINGS_HISTORY for tidings ('' = none; default: the server's own), "
+                        "e.g. 'bench=64/300s,user=32/600s' to measure what keeping history costs")
     g = p.add_argument_group("fanout / latency")
     g.add_argument("--subscribers", type=csv_ints, default=[1000, 5000], help="fanout sizes (1000,5000)")
     g.add_argument("--channels", type=int, default=1, help="channels the subscribers spread over (1)")

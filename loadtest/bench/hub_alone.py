@@ -54,11 +54,12 @@ def _subscriber(egress: str, topic: bytes, events: int, out: Any) -> None:
     out.put(events / (time.perf_counter() - (first or time.perf_counter())))
 
 
-def measure(events: int = DEFAULT_EVENTS) -> dict[str, Any]:
-    """Start a hub, push `events` through it to 2 subscribers, stop it; rates and hub CPU time."""
+def measure(events: int = DEFAULT_EVENTS, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Start a hub, push `events` through it to 2 subscribers, stop it; rates and hub CPU time.
+    extra_env: more TIDINGS_* settings (TIDINGS_HISTORY='bench=64/300s' keeps this channel's history)."""
     runtime = tempfile.mkdtemp(prefix="tidings-hub-alone-")
     env = {**os.environ, "TIDINGS_RUNTIME_DIR": runtime, "TIDINGS_JWT_SECRET": "h" * 40,
-           "TIDINGS_HUB_HWM": str(HWM)}
+           "TIDINGS_HUB_HWM": str(HWM), **(extra_env or {})}
     hub = subprocess.Popen([sys.executable, "-m", "tidings", "hub"], env=env, cwd=REPO,
                            stderr=subprocess.DEVNULL)
     subs: list[mp.process.BaseProcess] = []

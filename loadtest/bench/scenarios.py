@@ -452,11 +452,11 @@ def notify(server: Server, *, connections: int = 5000, events: int = 200_000, wi
 
 
 # -- hub_alone ---------------------------------------------------------------------------------
-def hub_alone(*, events: int = 300_000) -> Run:
+def hub_alone(*, events: int = 300_000, env: dict[str, str] | None = None) -> Run:
     """The hub by itself (hub_alone.py starts its own `tidings hub`): hub events per hub CPU-second."""
     from . import hub_alone as alone  # raw ZeroMQ and the hub's envelope: this scenario only
 
-    r = alone.measure(events)
+    r = alone.measure(events, env)
     m = {"hub_events_per_cpu_s": r["hub_events_per_cpu_s"], "hub_cpu_us_per_event": r["hub_cpu_us_per_event"],
          "hub_cpu_s": r["hub_cpu_s"], "publisher_per_s": r["publisher_per_s"],
          "subscriber_per_s": min(r["subscriber_per_s"]), "events": r["events"]}

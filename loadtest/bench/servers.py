@@ -194,11 +194,11 @@ class TidingsServer(Server):
         }
 
 
-def make_server(kind: str, workers: int = 2) -> Server:
+def make_server(kind: str, workers: int = 2, extra_env: dict[str, str] | None = None) -> Server:
     if kind == "baseline":
         return BaselineServer()
     if kind == "tidings":
-        return TidingsServer(workers=workers)
+        return TidingsServer(workers=workers, extra_env=extra_env)
     raise ValueError(f"unknown server {kind!r}")
 
 

@@ -294,11 +294,6 @@ def test_leave_drops_that_members_pending_join(registry: ChannelRegistry) -> Non
     assert [p.member for p in confirm(registry)] == [m2]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ChannelRegistry.leave removes the member by equality (`in`/`del` on members) but its pending joins "
-    "and recovery waiters by identity (`is`): with a member key that is equal but not the same object, "
-    "leave drops the membership and leaves the pending join behind, to be answered on confirm. "
-    "Real connections compare by identity, so this only bites equal-but-distinct keys."))
 def test_leave_drops_the_pending_join_of_an_equal_member_key(registry: ChannelRegistry) -> None:
     def key() -> tuple[str, int]:
         return ("conn", int("1000001"))  # built at run time: equal each call, never the same object

@@ -98,10 +98,6 @@ def test_bad_specs_say_which_part_and_why(spec: str, part: str, why: str) -> Non
     assert isinstance(info.value, ValueError)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "parse_history_spec accepts a NaN TTL ('nan' passes float() and `ttl <= 0` is False for NaN; "
-    "Config's meta_ttl > TTL check is False-safe for NaN too): reads then never trim by TTL while "
-    "expire() drops every event of the namespace on each sweep"))
 def test_a_nan_ttl_is_a_bad_spec() -> None:
     with pytest.raises(HistorySpecError):
         parse_history_spec("conversation=10/nans")

@@ -276,11 +276,6 @@ def test_subscribe_is_idempotent() -> None:
     assert client.session.channels == (CHANNEL,)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A held subscribe (Join held=True) gets a `failed` reply like a new one, and Join's contract is that a "
-    "join whose `failed` is not None is undone when the hub does not answer in time: a client re-subscribing "
-    "to a channel it holds (even its personal channel) while the hub is down loses that subscription. "
-    "Before this change the idempotent subscribe was answered at once without the hub."))
 @pytest.mark.parametrize("channel", [CHANNEL, "user:u1"])
 def test_a_held_subscribe_is_never_undone(channel: str) -> None:
     client = make_client(make_claims("u1"))
