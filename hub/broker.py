@@ -242,11 +242,11 @@ class Broker:
 
     def drain_requests(self) -> None:
         """Answer up to REQUEST_BATCH history reads and confirmed publishes."""
+        events = self.requests.getsockopt
         for _ in range(REQUEST_BATCH):
-            try:
-                frames = self.requests.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not events(EVENTS) & POLLIN:  # a look, not a receive that fails (zmq.Again costs ~5 us)
                 return
+            frames = self.requests.recv_multipart(NOBLOCK)
             if len(frames) != 4:  # identity, op, request id, body
                 self.drop_log.warning(time.monotonic(), "dropped a request of %d frames", len(frames))
                 continue

@@ -505,9 +505,8 @@ class Worker:
             return
         for (conn, forward), (offset, epoch) in zip(publishers, positions, strict=True):
             if not conn.closed:
-                conn.send(forward.published(offset, epoch.encode()))
+                conn.send(forward.published(offset, epoch.encode()))  # leaves with the pass's writes
         self._count_publishes(len(publishers), True)
-        self.writer.flush()
 
     def _finish_recovery(self, channel: Channel, outcomes: list[Outcome], now: float) -> None:
         """Send each settled waiter its events (or the news that there are none) and make it live."""
@@ -645,6 +644,10 @@ class Worker:
                 chunks[channel] = [frame]
             else:
                 queued.append(frame)
+        # The hub answers a pass's publishes right after stamping them, so the answer is usually
+        # waiting on the request socket too: taking it now puts `published` in the same write as
+        # the events (one write per connection instead of two).
+        self.bus.drain_replies()
         if not events:
             self.writer.flush()
             return
