@@ -25,6 +25,7 @@ from hub.envelope import (
     HISTORY_REQUEST,
     MAX_CHANNEL_BYTES,
     PUBLISH_REQUEST,
+    STAMP,
     check_channel,
     egress_position,
     read_ingress,
@@ -87,6 +88,8 @@ class Broker:
         # subscription gets its confirmation message.
         self.egress.setsockopt(zmq.XPUB_VERBOSER, 1)
         self.requests.setsockopt(zmq.LINGER, 0)
+        self.requests.setsockopt(zmq.RCVHWM, self.config.hub_hwm)  # a healing worker may ask thousands at once
+        self.requests.setsockopt(zmq.SNDHWM, self.config.hub_hwm)
         self.requests.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a requester that left: drop its reply
         self.ingress.bind(self.config.ingress_endpoint)
         self.egress.bind(self.config.egress_endpoint)
@@ -276,8 +279,9 @@ class Broker:
             positions = []
             for (topic, _), message in zip(records, messages, strict=True):
                 send(message)
-                stream = self.store.streams[topic]
-                positions.append((stream.top, stream.epoch.decode()))
+                # from the message, not the stream: two records of one channel get two offsets
+                offset, _, epoch = STAMP.unpack_from(message, len(topic))
+                positions.append((offset, epoch.decode()))
             self.stats.hub_events_in += len(records)
             self.stats.confirmed_publishes += len(records)
             return [orjson.dumps({"ok": True, "positions": positions})]

@@ -48,6 +48,10 @@ class HubBus:
         # Reads are answered out of band from the fan-out: a slow read never delays an event.
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.IMMEDIATE, 1)  # a hub that is not there fails the read at once
+        # A worker that fell behind heals every gapped channel with a read of its own: thousands
+        # may leave at once, and a refused one would end its subscribers' subscriptions.
+        self.dealer.setsockopt(zmq.SNDHWM, hwm)
+        self.dealer.setsockopt(zmq.RCVHWM, hwm)
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
