@@ -25,6 +25,8 @@ from hub.envelope import (
     HISTORY_REQUEST,
     MAX_CHANNEL_BYTES,
     PUBLISH_REQUEST,
+    REPLY_HWM,
+    REQUEST_HWM,
     STAMP,
     check_channel,
     egress_position,
@@ -88,8 +90,8 @@ class Broker:
         # subscription gets its confirmation message.
         self.egress.setsockopt(zmq.XPUB_VERBOSER, 1)
         self.requests.setsockopt(zmq.LINGER, 0)
-        self.requests.setsockopt(zmq.RCVHWM, self.config.hub_hwm)  # a healing worker may ask thousands at once
-        self.requests.setsockopt(zmq.SNDHWM, self.config.hub_hwm)
+        self.requests.setsockopt(zmq.RCVHWM, REQUEST_HWM)
+        self.requests.setsockopt(zmq.SNDHWM, REPLY_HWM)
         self.requests.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a requester that left: drop its reply
         self.ingress.bind(self.config.ingress_endpoint)
         self.egress.bind(self.config.egress_endpoint)

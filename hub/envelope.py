@@ -51,10 +51,16 @@ import orjson
 
 TOPIC_END = b"\0"
 BODY_LEN = struct.Struct("!I")  # ingress record: body length after the topic
-EPOCH_BYTES = 16  # the hub's epoch: 8 random bytes as hex, so it reads as a JSON string too
+EPOCH_BYTES = 16  # a channel's epoch: 16 hex characters (hub/history.py), so it reads as a JSON string too
 STAMP = struct.Struct(f"!Qd{EPOCH_BYTES}s")  # offset (per channel, from 1), hub time.time(), epoch
 HISTORY_REQUEST = b"history"
 PUBLISH_REQUEST = b"publish"
+# Requests and replies queued per peer on the request sockets. Large and independent of the
+# event HWM: a worker that fell behind heals every gapped channel with a read of its own, and a
+# ROUTER drops replies over its HWM silently (the read would time out and its subscribers lose
+# the channel). The 0 on the reply side means "no limit": a worker only gets what it asked for.
+REQUEST_HWM = 100_000
+REPLY_HWM = 0
 MAX_CHANNEL_BYTES = 255  # Centrifugo's max_channel_length
 MAX_TOPIC_BYTES = MAX_CHANNEL_BYTES + len(TOPIC_END)
 EVENT_TYPE = re.compile(r"[a-z][a-z0-9_.]{0,63}")

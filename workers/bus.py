@@ -15,6 +15,8 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from hub.envelope import REPLY_HWM, REQUEST_HWM
+
 NOBLOCK = int(zmq.NOBLOCK)
 EVENTS = int(zmq.EVENTS)  # plain ints: the enum members cost a lookup per use
 POLLIN = int(zmq.POLLIN)
@@ -48,10 +50,8 @@ class HubBus:
         # Reads are answered out of band from the fan-out: a slow read never delays an event.
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.IMMEDIATE, 1)  # a hub that is not there fails the read at once
-        # A worker that fell behind heals every gapped channel with a read of its own: thousands
-        # may leave at once, and a refused one would end its subscribers' subscriptions.
-        self.dealer.setsockopt(zmq.SNDHWM, hwm)
-        self.dealer.setsockopt(zmq.RCVHWM, hwm)
+        self.dealer.setsockopt(zmq.SNDHWM, REQUEST_HWM)  # see hub/envelope.py
+        self.dealer.setsockopt(zmq.RCVHWM, REPLY_HWM)
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)

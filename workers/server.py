@@ -644,21 +644,20 @@ class Worker:
                 chunks[channel] = [frame]
             else:
                 queued.append(frame)
+        if events:
+            fan_out = self.writer.fan_out
+            deliveries = 0
+            for channel, frames in chunks.items():
+                fan_out(channel.members, frames[0] if len(frames) == 1 else b"".join(frames))
+                deliveries += len(channel.members) * len(frames)
+            self.stats.events_in += events
+            self.stats.deliveries += deliveries
+            self.stats.latency_samples.append(max(0.0, time.time() - hub_time))
         # The hub answers a pass's publishes right after stamping them, so the answer is usually
         # waiting on the request socket too: taking it now puts `published` in the same write as
-        # the events (one write per connection instead of two).
+        # the events (one write per connection instead of two). After the fan-out, never before:
+        # a recovery it completes already hands its connection this batch's events (held).
         self.bus.drain_replies()
-        if not events:
-            self.writer.flush()
-            return
-        fan_out = self.writer.fan_out
-        deliveries = 0
-        for channel, frames in chunks.items():
-            fan_out(channel.members, frames[0] if len(frames) == 1 else b"".join(frames))
-            deliveries += len(channel.members) * len(frames)
-        self.stats.events_in += events
-        self.stats.deliveries += deliveries
-        self.stats.latency_samples.append(max(0.0, time.time() - hub_time))
         self.writer.flush()
 
     def _gap(self, channel: str, last: int, offset: int) -> None:
