@@ -129,14 +129,16 @@ class PublishAPI:
                 return _json(503, {"ok": False, "error": "hub_unavailable", "published": 0,
                                    "message": "hub did not take the event"})
             return _json(200, {"ok": True, "channels": sent, "confirmed": False})
-        frames = await self._ask(PUBLISH_REQUEST, message)
+        sent, frames = await self._ask(PUBLISH_REQUEST, message)
         header = orjson.loads(frames[0]) if frames else {}
         positions = header.get("positions")
         if not header.get("ok") or not isinstance(positions, list) or len(positions) != sent:
             self.worker.stats.publishes_failed += sent
+            if sent and frames is None:  # sent, unanswered: say so, claim nothing
+                return _json(503, {"ok": False, "error": "hub_unavailable", "message":
+                                   "hub did not answer in time: the event may or may not have been published"})
             return _json(503, {"ok": False, "error": "hub_unavailable", "published": 0,
-                               "message": "hub did not confirm the event" if frames is not None else
-                               "hub did not answer in time: the event may or may not have been published"})
+                               "message": "hub did not take the event"})
         names = list(dict.fromkeys(channels))
         stamped = [{"channel": ch, "offset": offset, "epoch": epoch}
                    for ch, (offset, epoch) in zip(names, positions, strict=True)]
@@ -144,8 +146,8 @@ class PublishAPI:
             return _json(200, {"ok": True, "channels": sent, "positions": stamped})
         return _json(200, {"ok": True, "channels": 1, **stamped[0]})
 
-    async def _ask(self, op: bytes, body: bytes) -> list[bytes] | None:
-        """One request to the hub: its reply frames, or None if it could not go or timed out."""
+    async def _ask(self, op: bytes, body: bytes) -> tuple[bool, list[bytes] | None]:
+        """One request to the hub: (sent, its reply frames or None when it could not go or timed out)."""
         future: asyncio.Future[list[bytes] | None] = asyncio.get_running_loop().create_future()
 
         def answer(frames: list[bytes] | None) -> None:
@@ -153,8 +155,8 @@ class PublishAPI:
                 future.set_result(frames)
 
         if self.worker.request(op, body, answer) is None:
-            return None
-        return await future
+            return False, None
+        return True, await future
 
     async def history(self, request: web.Request) -> web.Response:
         """A channel's kept events after a position (or the last `limit`), and where it stands."""
@@ -176,7 +178,7 @@ class PublishAPI:
                     raise ValueError("since must be an offset >= 0")
         except (EnvelopeError, ValueError) as exc:
             return _json(400, {"ok": False, "error": "invalid_request", "message": str(exc)})
-        frames = await self._ask(HISTORY_REQUEST, orjson.dumps({"channel": channel, "since": since, "limit": limit}))
+        _, frames = await self._ask(HISTORY_REQUEST, orjson.dumps({"channel": channel, "since": since, "limit": limit}))
         header = orjson.loads(frames[0]) if frames else {}
         if not header.get("ok"):
             return _json(503, {"ok": False, "error": "hub_unavailable",

@@ -86,6 +86,12 @@ class Forward:
     def failed(self) -> bytes:  # built only when needed: the hub almost always takes the event
         return error_reply(RequestError(ReplyCode.INTERNAL_ERROR, "hub did not take the event"), self.request_id)
 
+    @property
+    def unanswered(self) -> bytes:
+        """Sent, but the hub did not answer in time: it may have stamped the event or not."""
+        return error_reply(RequestError(ReplyCode.INTERNAL_ERROR, "hub did not answer in time: the event may or "
+                                                                  "may not have been published"), self.request_id)
+
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs ~4x on this per-message path
 class Close:
@@ -111,7 +117,10 @@ PONG_NO_ID = reply("pong", None, {})
 
 def subscribed_reply(id_: str | None, channel: str, offset: int, epoch: bytes, recovered: bool | None) -> bytes:
     """`subscribed` with the channel's position; `recovered` only when the subscribe had `since`."""
-    data: dict[str, Any] = {"channel": channel, "offset": offset, "epoch": epoch.decode()}
+    # No epoch yet (the hub never answered): no position rather than one nobody can resume from.
+    data: dict[str, Any] = {"channel": channel}
+    if epoch:
+        data["offset"], data["epoch"] = offset, epoch.decode()
     if recovered is not None:
         data["recovered"] = recovered
     return reply("subscribed", id_, data)
@@ -279,8 +288,9 @@ class Session:
         return [Join(personal, None, since, connect=True)]
 
     def connected_reply(self, offset: int, epoch: bytes, recovered: bool | None) -> bytes:
-        personal: dict[str, Any] = {"channel": self.claims.personal_channel, "offset": offset,
-                                    "epoch": epoch.decode()}
+        personal: dict[str, Any] = {"channel": self.claims.personal_channel}
+        if epoch:  # none yet when the hub never answered: no position rather than an unusable one
+            personal["offset"], personal["epoch"] = offset, epoch.decode()
         if recovered is not None:
             personal["recovered"] = recovered
         return reply("connected", None, {

@@ -500,7 +500,7 @@ class Worker:
                              "no answer in time" if header is None else header.get("error"))
             for conn, forward in publishers:
                 if not conn.closed:
-                    conn.send(forward.failed)
+                    conn.send(forward.unanswered if frames is None else forward.failed)
             self._count_publishes(len(publishers), False)
             return
         for (conn, forward), (offset, epoch) in zip(publishers, positions, strict=True):

@@ -380,7 +380,8 @@ def test_a_worker_behind_on_many_channels_heals_them_all() -> None:
     """Hundreds of personal channels gap at once (the worker was stopped past the hub's
     high-water mark): each is healed from history, every user gets every event once, in order."""
     users = 150
-    with TidingsService(workers=1, env={"TIDINGS_HUB_HWM": "50"}) as svc:
+    # HWM 200 (> users): the stop overflows it (600 events of 2 KB), the paced "after" round cannot
+    with TidingsService(workers=1, env={"TIDINGS_HUB_HWM": "200"}) as svc:
         clients = [client(svc, f"many-{i}")[0] for i in range(users)]
         worker = svc.children()["worker 0"]
         os.kill(worker, signal.SIGSTOP)
@@ -388,7 +389,7 @@ def test_a_worker_behind_on_many_channels_heals_them_all() -> None:
             with Publisher(f"ipc://{svc.runtime_dir}/ingress") as pub:
                 for n in range(4):
                     for i in range(users):
-                        pub.publish(f"user:many-{i}", "notification", {"n": n, "pad": "x" * 500})
+                        pub.publish(f"user:many-{i}", "notification", {"n": n, "pad": "x" * 2000})
                 # Kept open until the hub stamped them all: a PUSH socket closed while the hub
                 # pushes back can lose its tail (fire-and-forget is at most once).
                 deadline = time.monotonic() + 10
