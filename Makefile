@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 run: $(BIN)/.installed          ## install into .venv, then start one hub and N workers
-	$(BIN)/tidings run
+	$(BIN)/tidings run --demo
 
 test: $(BIN)/.installed         ## lint, then every test (real processes on loopback)
 	$(BIN)/ruff check .

@@ -125,6 +125,8 @@ class Config:
     log_format: str = _setting("text", "text for a terminal, json for journald")
     log_level: str = _setting("info", "debug, info, warning or error")
     conformance_echo: bool = _setting(False, "serve /echo for the Autobahn test suite (a test aid)")
+    demo: bool = _setting(False, "serve the demo page (GET /demo, the JavaScript client at work) on the "
+                                 "WebSocket port; `make run` turns it on")
 
     # -- derived -----------------------------------------------------------------------------
     @property

@@ -58,6 +58,9 @@ _GOOD_HEADERS = 16
 _GOOD_HEADER_CHARS = 256
 
 
+PERSONAL_PREFIX = "user:"  # the namespace of personal channels: user:<sub>
+
+
 @dataclass(frozen=True, slots=True)
 class Claims:
     sub: str
@@ -68,12 +71,20 @@ class Claims:
 
     @property
     def personal_channel(self) -> str:
-        return f"user:{self.sub}"
+        return f"{PERSONAL_PREFIX}{self.sub}"
 
     def may_subscribe(self, channel: str) -> bool:
-        return channel == self.personal_channel or allowed(self.channels, channel)
+        """A personal channel (user:<sub>) is its user's alone, whatever patterns the token holds:
+        a `*` meant for conversations must not read everybody's notifications."""
+        if channel.startswith(PERSONAL_PREFIX):
+            return channel == self.personal_channel
+        return allowed(self.channels, channel)
 
     def may_publish(self, channel: str) -> bool:
+        """Publishing to another user's personal channel takes an exact entry for it: a wildcard
+        never reaches into somebody's notifications."""
+        if channel.startswith(PERSONAL_PREFIX) and channel != self.personal_channel:
+            return channel in self.publish
         return allowed(self.publish, channel)
 
 

@@ -22,7 +22,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 from hub.envelope import ingress_record
 from workers import errors
 from workers.errors import CloseReason, Disconnect, ReplyCode, RequestError
-from workers.protocol import Close, Forward, Join, Leave, Output, Send, Session, error_reply
+from workers.protocol import Close, Forward, Join, Leave, Output, Refresh, Send, Session, error_reply
 
 if TYPE_CHECKING:
     from workers.server import Worker
@@ -299,6 +299,9 @@ class ClientConnection(FramedConnection):
                 worker.join(self, out, self.last_seen)  # answered now, or once the hub sent the position
             elif kind is Leave:
                 worker.leave(self, out.channel, self.last_seen)  # answers a join of it still waiting first
+            elif kind is Refresh:
+                self.carry_out(worker.refresh(self, out))
+                result = self.session.last_result  # the verdict came after `result` was read
             elif kind is Close:
                 self._close_for(out.error)
         return result

@@ -30,6 +30,11 @@ class ExpiryQueue:
         heapq.heappush(self.heap, (expires_at, next(self.order), member))
         self.open += 1
 
+    def move(self, expires_at: float, member: Closable) -> None:
+        """member's token was refreshed: a later entry for it. The old one stays until due and
+        the caller skips it there (its member's expiry is no longer due)."""
+        heapq.heappush(self.heap, (expires_at, next(self.order), member))
+
     def forget(self) -> None:
         """A member closed (it stays in the heap until popped or compacted)."""
         self.open -= 1

@@ -93,12 +93,20 @@ class Forward:
                                                                   "may not have been published"), self.request_id)
 
 
+@dataclass(slots=True)
+class Refresh:
+    """Check `token` (the glue holds the keys) and hand the verdict to `Session.refreshed`."""
+
+    token: str
+    request_id: str | None
+
+
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs ~4x on this per-message path
 class Close:
     error: Disconnect
 
 
-Output = Send | Join | Leave | Forward | Close
+Output = Send | Join | Leave | Forward | Refresh | Close
 
 
 # -- replies --------------------------------------------------------------------------------------
@@ -135,6 +143,8 @@ def unsubscribed_reply(id_: str | None, channel: str, reason: str | None = None)
 # The server's reason for ending a subscription whose client missed events that history no longer
 # holds (or whose channel restarted with a new epoch): resubscribe with `since` to learn the position.
 INSUFFICIENT_STATE = "insufficient_state"
+# ... and when a refreshed token no longer allows the channel: do not resubscribe.
+UNAUTHORIZED_REASON = "unauthorized"
 
 
 def parse_since(value: object) -> tuple[int, bytes] | None:
@@ -198,11 +208,14 @@ class SessionLimits:
     publish_rate_limit: float = 20.0
     publish_burst: int = 20
     rate_abuse_limit: int = 1000
+    ping_interval: float = 25.0  # told to clients in `connected`: how long the server waits in silence
+    pong_timeout: float = 20.0  # ... and how long it then waits for the pong
 
     @classmethod
     def from_config(cls, config: Config) -> SessionLimits:
         return cls(config.max_subscriptions, config.rate_limit, config.rate_burst,
-                   config.publish_rate_limit, config.publish_burst, config.rate_abuse_limit)
+                   config.publish_rate_limit, config.publish_burst, config.rate_abuse_limit,
+                   config.idle_timeout, config.pong_timeout)
 
 
 # -- parsing ------------------------------------------------------------------------------------------
@@ -293,9 +306,12 @@ class Session:
             personal["offset"], personal["epoch"] = offset, epoch.decode()
         if recovered is not None:
             personal["recovered"] = recovered
+        # ping_interval and pong_timeout let a client run its own liveness timer: a browser cannot
+        # see WebSocket pings, so it sends a `ping` after that much silence and expects `pong`.
         return reply("connected", None, {
             "user_id": self.claims.sub, "connection_id": self.connection_id,
-            "expires_at": int(self.claims.exp), "personal": personal,
+            "expires_at": int(self.claims.exp), "ping_interval": self.limits.ping_interval,
+            "pong_timeout": self.limits.pong_timeout, "personal": personal,
         })
 
     def forget(self, channel: str) -> None:
@@ -327,12 +343,38 @@ class Session:
             if type_ == "publish":
                 self.last_type = "publish"
                 return self._publish(data, id_, now, hub_up)
+            if type_ == "refresh":
+                self.last_type = "refresh"
+                token = data.get("token")
+                if not isinstance(token, str) or not token:
+                    raise RequestError(ReplyCode.INVALID_REQUEST, "data.token must be a non-empty string")
+                return [Refresh(token, id_)]
             raise RequestError(ReplyCode.INVALID_REQUEST, f"unknown type {type_[:32]!r}")
         except RequestError as exc:
             if exc.code is ReplyCode.RATE_LIMITED:
                 return self._refuse(now, exc.extra["retry_after_ms"] / 1000, id_)
             self.last_result = "error"
             return [Send(error_reply(exc, id_))]
+
+    def refreshed(self, claims: Claims | None, refusal: str, id_: str | None) -> list[Output]:
+        """The verdict on a `refresh` token: claims, or None and the client-facing `refusal`.
+        A refused token changes nothing (the connection keeps the token it has). An accepted one
+        must name the same user; its claims replace the old ones, and channels they no longer
+        allow are left, each with an `unsubscribed` carrying the reason."""
+        if claims is None:
+            self.last_result = "error"
+            return [Send(error_reply(RequestError(ReplyCode.UNAUTHORIZED, refusal), id_))]
+        if claims.sub != self.claims.sub:
+            self.last_result = "error"
+            return [Send(error_reply(RequestError(ReplyCode.UNAUTHORIZED, "token is for another user"), id_))]
+        self.claims = claims
+        outputs: list[Output] = [Send(reply("refreshed", id_, {"expires_at": int(claims.exp)}))]
+        kept = tuple(ch for ch in self.channels if claims.may_subscribe(ch))
+        for channel in self.channels:
+            if channel not in kept:
+                outputs += [Leave(channel), Send(unsubscribed_reply(None, channel, UNAUTHORIZED_REASON))]
+        self.channels = kept
+        return outputs
 
     # -- commands ---------------------------------------------------------------------------------
     def _subscribe(self, channel: str, since: tuple[int, bytes] | None, id_: str | None,

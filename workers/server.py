@@ -24,6 +24,7 @@ import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -52,6 +53,8 @@ from workers.protocol import (
     INSUFFICIENT_STATE,
     Forward,
     Join,
+    Output,
+    Refresh,
     Session,
     SessionLimits,
     error_reply,
@@ -68,6 +71,12 @@ READ_BUFFER_BYTES = 1024  # picows allocates max(this, 2048) per connection up f
 FD_WARN_FRACTION = 0.9  # warn when connections reach this share of RLIMIT_NOFILE
 FD_RESERVED = 100  # descriptors a worker needs besides its connections (listeners, ZeroMQ, logs)
 FD_WARN_EVERY = 10.0  # seconds between those warnings: the condition lasts, the log must not flood
+CLIENTS_JS = Path(__file__).resolve().parent.parent / "clients" / "js"
+DEMO_FILES = {  # path -> (file in clients/js, content type), served when TIDINGS_DEMO=1
+    "/demo": ("demo.html", "text/html; charset=utf-8"),
+    "/demo/": ("demo.html", "text/html; charset=utf-8"),
+    "/demo/tidings.js": ("tidings.js", "text/javascript; charset=utf-8"),
+}
 
 
 class Worker:
@@ -255,7 +264,10 @@ class Worker:
         self.notifier.status(self.status_line())
 
     def _expire_tokens(self, wall: float) -> None:
-        for conn in self.expiry.pop_due(wall - self.config.jwt_leeway):
+        cutoff = wall - self.config.jwt_leeway
+        for conn in self.expiry.pop_due(cutoff):
+            if conn.session.claims.exp > cutoff:
+                continue  # refreshed since: its later entry is in the queue
             reply = error_reply(RequestError(ReplyCode.UNAUTHORIZED, "token expired"))
             self.log.info("closing %s: token expired", conn.describe())
             conn.close(errors.TOKEN_EXPIRED, reply)
@@ -304,6 +316,8 @@ class Worker:
             response = (WSUpgradeResponse.create_ok_response(body, {"Content-Type": "application/json"})
                         if status_ok else WSUpgradeResponse.create_error_response(503, body))
             return WSUpgradeResponseWithListener(response, None)
+        if target.path in DEMO_FILES and self.config.demo:
+            return self._demo_file(target.path)
         if target.path not in ("/ws", "/echo") or (target.path == "/echo" and not self.config.conformance_echo):
             return None
         if self.stopping:
@@ -329,6 +343,18 @@ class Worker:
                 RequestError(ReplyCode.UNAUTHORIZED, failure.client_message)))
         connection_id = f"{self.index}-{self.boot}-{next(self.ids)}"
         return ClientConnection(self, Session(claims, connection_id, self.limits, self.loop.time(), since=since))
+
+    def _demo_file(self, path: str) -> WSUpgradeResponseWithListener:
+        """The demo page and the client module it imports, read from clients/js on each request
+        (a development aid: edits show on reload)."""
+        name, content_type = DEMO_FILES[path]
+        try:
+            body = (CLIENTS_JS / name).read_bytes()
+        except OSError as exc:
+            self.log.warning("demo: cannot read %s: %s", CLIENTS_JS / name, exc)
+            return _http_error(404, b"demo files not found (clients/js is not next to this install)")
+        headers = {"Content-Type": content_type, "Cache-Control": "no-store"}
+        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_ok_response(body, headers), None)
 
     def _origin_allowed(self, request: WSUpgradeRequest) -> bool:
         origins = request.headers.getall("Origin", [])
@@ -374,6 +400,20 @@ class Worker:
         self.expiry.forget()
         if self.stopping and not self.connections:
             self._finish_shutdown()  # everyone is gone before the window ended
+
+    def refresh(self, conn: ClientConnection, out: Refresh) -> list[Output]:
+        """`refresh`: the token checked as at connect, the verdict to the session, the expiry moved."""
+        try:
+            claims: Claims | None = self.verifier.verify(out.token, time.time())
+            refusal = ""
+        except AuthFailure as failure:
+            self.stats.auth_failures[failure.kind] += 1
+            self.log.info("refused a refresh token for %s: %s (%s)", conn.describe(), failure.kind, failure.detail)
+            claims, refusal = None, failure.client_message
+        outputs = conn.session.refreshed(claims, refusal, out.request_id)
+        if claims is not None and conn.session.claims is claims:
+            self.expiry.move(claims.exp, conn)
+        return outputs
 
     # == channels: joins, positions and recovery ================================================
     def join(self, conn: ClientConnection, join: Join, now: float) -> None:

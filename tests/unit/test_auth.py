@@ -496,3 +496,17 @@ def test_a_cached_token_of_a_rotated_out_key_stops_working_when_the_overlap_ends
     assert rotated.verify(token, now).sub == "u1"
     assert rotated.verify(token, now + 50).sub == "u1"  # from the cache, inside the overlap
     assert_refused(rotated, token, now + 101)
+
+
+def test_personal_channels_are_their_users_alone() -> None:
+    everything = Claims("u1", 0.0, channels=("*",), publish=("*",))
+    assert everything.may_subscribe("user:u1")
+    assert not everything.may_subscribe("user:u2")  # a lone * does not reach other users' channels
+    assert not everything.may_subscribe("user:u")  # nor a prefix of one's own
+    assert everything.may_subscribe("conversation:any")
+    assert everything.may_publish("user:u1")  # one's own: the usual patterns apply
+    assert not everything.may_publish("user:u2")  # another user's: only by exact entry
+    prefixed = Claims("u1", 0.0, channels=("user:*",), publish=("user:*",))
+    assert not prefixed.may_subscribe("user:u2") and not prefixed.may_publish("user:u2")
+    exact = Claims("svc", 0.0, channels=(), publish=("user:u2",))
+    assert exact.may_publish("user:u2") and not exact.may_publish("user:u3")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from workers.protocol import (
     Forward,
     Join,
     Leave,
+    Refresh,
     Send,
     Session,
     SessionLimits,
@@ -62,6 +64,7 @@ def test_open_joins_the_personal_channel_and_says_connected() -> None:
     connected = decode(client.session.connected_reply(7, b"3f2a9c0d1e5b7a88", None))
     assert connected == {"type": "connected", "data": {
         "user_id": "u-42", "connection_id": "conn-7", "expires_at": 1_900_000_000,
+        "ping_interval": 25.0, "pong_timeout": 20.0,  # SessionLimits' defaults: the client's liveness timer
         "personal": {"channel": "user:u-42", "offset": 7, "epoch": "3f2a9c0d1e5b7a88"}}}
 
 
@@ -624,3 +627,43 @@ def test_session_limits_from_config() -> None:
                                              publish_rate_limit=1.5, publish_burst=2, rate_abuse_limit=9)
     assert SessionLimits.from_config(config) == SessionLimits(7, 3.0, 4, 1.5, 2, 9)
     assert SessionLimits.from_config(Config.load(environ={})) == SessionLimits()
+
+
+# -- refresh ----------------------------------------------------------------------------------------------
+def _refresh(client: Any, token: object = "t", id_: str = "r") -> list[Any]:
+    return client.send({"type": "refresh", "id": id_, "data": {"token": token}})
+
+
+def test_refresh_asks_the_glue_to_check_the_token() -> None:
+    client = make_client(make_claims("u1"))
+    out = _refresh(client, "new-token", "5")
+    assert len(out) == 1 and isinstance(out[0], Refresh) and (out[0].token, out[0].request_id) == ("new-token", "5")
+    for bad in ("", None, 5, ["t"]):
+        assert_error_code(_refresh(client, bad), ReplyCode.INVALID_REQUEST, "r")
+
+
+def test_refreshed_replaces_the_claims_and_leaves_what_they_no_longer_allow() -> None:
+    client = make_client(make_claims("u1", channels=("conversation:*", "task:*")))
+    client.session.open()
+    client.subscribe("conversation:a")
+    client.subscribe("task:1")
+    narrower = make_claims("u1", channels=("task:*",), exp=1_900_000_123.0)
+    out = client.session.refreshed(narrower, "", "5")
+    assert decode(out[0].payload) == {"type": "refreshed", "id": "5", "data": {"expires_at": 1_900_000_123}}
+    assert [type(o).__name__ for o in out[1:]] == ["Leave", "Send"]
+    assert out[1].channel == "conversation:a"
+    assert decode(out[2].payload) == {"type": "unsubscribed",
+                                      "data": {"channel": "conversation:a", "reason": "unauthorized"}}
+    assert client.session.channels == ("user:u1", "task:1")  # the personal channel always stays
+    assert client.session.claims is narrower
+
+
+def test_refreshed_refuses_another_user_or_a_bad_token_and_keeps_the_old_claims() -> None:
+    client = make_client(make_claims("u1"))
+    old = client.session.claims
+    out = client.session.refreshed(make_claims("u2"), "", "5")
+    assert_error_code(out, ReplyCode.UNAUTHORIZED, "5")
+    out = client.session.refreshed(None, "token expired", "6")
+    assert_error_code(out, ReplyCode.UNAUTHORIZED, "6")
+    assert decode(out[0].payload)["data"]["message"] == "token expired"
+    assert client.session.claims is old
