@@ -66,7 +66,7 @@ MAX_TOPIC_BYTES = MAX_CHANNEL_BYTES + len(TOPIC_END)
 EVENT_TYPE = re.compile(r"[a-z][a-z0-9_.]{0,63}")
 CHANNEL = re.compile(r"[A-Za-z0-9_\-.@]+:[A-Za-z0-9_\-.@:]+")
 # Types the server itself sends: an event named like one of them would confuse every client.
-RESERVED_TYPES = frozenset({"connected", "subscribed", "unsubscribed", "pong", "published", "error"})
+RESERVED_TYPES = frozenset({"connected", "subscribed", "unsubscribed", "pong", "published", "refreshed", "error"})
 DOCUMENTED_TYPES = ("notification", "chat_message", "status_update")
 
 

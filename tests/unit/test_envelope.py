@@ -121,7 +121,7 @@ def test_reserved_types_are_refused(type_: str) -> None:
 
 
 def test_reserved_types_are_the_server_replies() -> None:
-    assert {"connected", "subscribed", "unsubscribed", "pong", "published", "error"} == RESERVED_TYPES
+    assert {"connected", "subscribed", "unsubscribed", "pong", "published", "refreshed", "error"} == RESERVED_TYPES
 
 
 # -- encode_event ------------------------------------------------------------------------------------
