@@ -129,12 +129,12 @@ class PublishAPI:
                 return _json(503, {"ok": False, "error": "hub_unavailable", "published": 0,
                                    "message": "hub did not take the event"})
             return _json(200, {"ok": True, "channels": sent, "confirmed": False})
-        sent, frames = await self._ask(PUBLISH_REQUEST, message)
+        asked, frames = await self._ask(PUBLISH_REQUEST, message)
         header = orjson.loads(frames[0]) if frames else {}
         positions = header.get("positions")
         if not header.get("ok") or not isinstance(positions, list) or len(positions) != sent:
             self.worker.stats.publishes_failed += sent
-            if sent and frames is None:  # sent, unanswered: say so, claim nothing
+            if asked and frames is None:  # sent, unanswered: say so, claim nothing
                 return _json(503, {"ok": False, "error": "hub_unavailable", "message":
                                    "hub did not answer in time: the event may or may not have been published"})
             return _json(503, {"ok": False, "error": "hub_unavailable", "published": 0,
