@@ -378,6 +378,11 @@ class TidingsClient:
         return self._info
 
     @property
+    def expires_at(self) -> float | None:
+        """When the token in use expires (Unix seconds), as the server last said."""
+        return self._expires_at
+
+    @property
     def subscriptions(self) -> dict[str, Subscription]:
         """Channel -> Subscription, the personal channel included once known (a copy)."""
         return dict(self._subs)
