@@ -141,8 +141,8 @@ class FakeConnection(WSListener):
 
 class FakeServer:
     """A loopback picows server. By default it greets each connection like tidings does and
-    answers ping, subscribe, unsubscribe, publish and refresh; tests replace `on_connect` or
-    `on_message` to script something else."""
+    answers ping, subscribe (replaying from its history after `since`), unsubscribe, publish and
+    refresh; tests replace `on_connect` or `on_message` to script something else."""
 
     def __init__(self, wall: Callable[[], float], ttl: float = 3600.0, ping_interval: float = 1000.0) -> None:
         self.wall = wall
@@ -154,6 +154,9 @@ class FakeServer:
         self.refused_tokens: set[str] = set()
         self.positions: dict[str, int] = {}
         self.history: dict[str, list[dict[str, Any]]] = {}  # every event published, by channel
+        # What happens on each connection and message; tests swap these to script the server.
+        self.on_connect: Callable[[FakeConnection], None] = self.greet
+        self.on_message: Callable[[FakeConnection, dict[str, Any]], None] = self.answer
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -195,7 +198,7 @@ class FakeServer:
         return offset
 
     # -- default behaviour --------------------------------------------------------------------
-    def on_connect(self, conn: FakeConnection) -> None:
+    def greet(self, conn: FakeConnection) -> None:
         if conn.token in self.refused_tokens:
             conn.send({"type": "error", "data": {"code": "unauthorized", "message": "token expired"}})
             conn.close(4002, "token expired")
@@ -204,7 +207,7 @@ class FakeServer:
         conn.hello(self.wall() + self.ttl, self.ping_interval,
                    {"channel": "user:u1", "offset": self.positions.get("user:u1", 0), "epoch": EPOCH})
 
-    def on_message(self, conn: FakeConnection, msg: dict[str, Any]) -> None:
+    def answer(self, conn: FakeConnection, msg: dict[str, Any]) -> None:
         type_, id_, data = msg.get("type"), msg.get("id"), msg.get("data") or {}
         if type_ == "ping":
             conn.send({"type": "pong", "id": id_, "data": {}})

@@ -36,7 +36,7 @@ class Recorder:
     def __init__(self, client: TidingsClient) -> None:
         self.seen: list[tuple[str, Any]] = []
         for name in ("connecting", "connected", "disconnected", "error"):
-            client.on(name, lambda arg, name=name: self.seen.append((name, arg)))  # type: ignore[misc]
+            client.on(name, lambda arg, name=name: self.seen.append((name, arg)))
 
     def of(self, kind: type) -> list[Any]:
         return [arg for _, arg in self.seen if isinstance(arg, kind)]
@@ -67,7 +67,7 @@ def test_failed_dials_back_off_by_the_policy_one_socket_at_a_time() -> None:
     async def body() -> None:
         vt = VirtualTime()
         async with FakeServer(vt.wall) as server:
-            server.on_connect = FakeConnection.drop  # type: ignore[method-assign]
+            server.on_connect = FakeConnection.drop
             client = new_client(server, vt, seed=11)
             rec = Recorder(client)
             expected = random.Random(11)
@@ -333,7 +333,7 @@ def test_events_that_could_not_be_recovered_leave_a_reset_in_the_stream() -> Non
                 else:
                     default(conn, msg)
 
-            server.on_message = forgetful  # type: ignore[method-assign]
+            server.on_message = forgetful
             async with new_client(server, vt) as client:
                 sub = await client.subscribe("conversation:a", since=(2, EPOCH))
                 server.last.event("conversation:a", 11, epoch="e2")
@@ -409,7 +409,7 @@ def test_replies_are_matched_by_id_and_errors_carry_the_code() -> None:
                 else:
                     default(conn, msg)
 
-            server.on_message = slow_publish  # type: ignore[method-assign]
+            server.on_message = slow_publish
             async with new_client(server, vt) as client:
                 publish = asyncio.ensure_future(client.publish("conversation:slow", "chat_message", {}))
                 await eventually(lambda: bool(held))
@@ -472,7 +472,7 @@ def test_close_during_a_backoff_wait_does_not_dial_again() -> None:
     async def body() -> None:
         vt = VirtualTime()
         async with FakeServer(vt.wall) as server:
-            server.on_connect = FakeConnection.drop  # type: ignore[method-assign]
+            server.on_connect = FakeConnection.drop
             client = new_client(server, vt)
             rec = Recorder(client)
             client.start()

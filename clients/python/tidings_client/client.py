@@ -260,10 +260,11 @@ class TidingsClient:
     share one call). Raise `Unauthorized` from it to stop the client.
 
     Reconnects follow `policy` (policy.json by default): exponential backoff with full jitter
-    (1 s to 30 s), a 3 s floor after 4100-4199, a short random delay after 1001 and 4200-4299, a
-    new token after 4000-4099 (stopping with `Unauthorized` if a fresh one is refused at once),
-    and no reconnect after close(). After each reconnect every subscription resumes from its
-    position.
+    (1 s to 30 s) for drops and unknown codes, the same from a higher floor after 4100-4199, a
+    short random delay after 1001 and 4200-4299, a new token first after 4000-4099 (stopping with
+    `Unauthorized` when a fresh one is refused before `connected` too), and no reconnect after
+    close(). One socket at a time. After each reconnect every subscription resumes from its
+    position, and the personal channel from the connect URL's `since`.
 
     Test hooks: `random` (a 0..1 float source), `clock` (monotonic seconds), `wall_clock` (Unix
     seconds, compared with the token's `expires_at`) and `sleep` drive every delay and timer.
@@ -362,9 +363,8 @@ class TidingsClient:
         self._run_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._run_task
-        for task in list(self._callback_tasks):
-            task.cancel()
-        self._callback_tasks.clear()
+        # Async handlers already started (the final "disconnected" among them) run to their end;
+        # nothing new will be called.
         self._handlers = {name: [] for name in EVENTS}
 
     # -- state ------------------------------------------------------------------------------------
@@ -416,6 +416,8 @@ class TidingsClient:
         internal_error) are retried until `timeout` (default: the client's request_timeout),
         then raised. While disconnected it waits for the connection, within the same timeout."""
         self._check_open()
+        if self._ready is None:
+            raise TidingsError("the client is not started: use `async with` or start()")
         if channel in self._subs:
             raise ValueError(f"already subscribed to {channel!r}: use that Subscription"
                              " (client.personal for the personal channel)")
@@ -596,6 +598,7 @@ class TidingsClient:
             self._ready.set()  # wakes commands waiting for a connection; they see _finished
         for sub in [*self._subs.values(), self.personal]:
             sub._end(error)
+        self._subs.clear()
         if self._token_fetch is not None and not self._token_fetch.done():
             self._token_fetch.cancel()
         if error is not None:
