@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: run test lint bench loadtest install-systemd clean
+.PHONY: install run test lint bench loadtest install-systemd clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,7 +11,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-install: $(BIN)/.installed
+install: $(BIN)/.installed      ## also the Python client (once it exists) and the JavaScript client's test tools
+	if [ -f clients/python/pyproject.toml ]; then $(BIN)/pip install -q -e clients/python; fi
+	if command -v node >/dev/null 2>&1; then cd clients/js && npm ci --no-audit --no-fund --loglevel=error; fi
 
 run: $(BIN)/.installed          ## install into .venv, then start one hub and N workers
 	$(BIN)/tidings run --demo
