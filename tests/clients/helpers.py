@@ -214,6 +214,9 @@ class FakeServer:
         elif type_ == "subscribe":
             channel = data["channel"]
             reply: dict[str, Any] = {"channel": channel, "offset": self.positions.get(channel, 0), "epoch": EPOCH}
+            if channel in conn.channels:  # held already: the position, no replay, as tidings does
+                conn.send({"type": "subscribed", "id": id_, "data": reply})
+                return
             if "since" in data:
                 reply["recovered"] = True
             conn.send({"type": "subscribed", "id": id_, "data": reply})

@@ -392,6 +392,39 @@ def test_a_full_queue_pauses_the_channel_and_resumes_it_from_its_position() -> N
     run(body())
 
 
+def test_a_refused_leave_does_not_lose_events_either() -> None:
+    async def body() -> None:
+        vt = VirtualTime()
+        async with FakeServer(vt.wall) as server:
+            default = server.answer
+            refusals = [1]
+
+            def busy(conn: FakeConnection, msg: dict[str, Any]) -> None:
+                if msg["type"] == "unsubscribe" and refusals:  # the first leave is rate limited
+                    refusals.pop()
+                    conn.send({"type": "error", "id": msg["id"], "data": {
+                        "code": "rate_limited", "message": "slow down", "retry_after_ms": 200}})
+                else:
+                    default(conn, msg)
+
+            server.on_message = busy
+            async with new_client(server, vt) as client:
+                sub = await client.subscribe("conversation:a", queue_size=4)
+                for n in range(1, 11):
+                    server.publish("conversation:a", n=n)
+                await eventually(lambda: sub.lagging)
+                got = [(await next_item(sub)).offset for _ in range(2)]
+                # The channel was still held, so the resume was answered without a replay: the
+                # client notices its position is behind and leaves and resumes again.
+                await eventually(lambda: len(server.last.commands("subscribe")) == 2)
+                await settle()
+                await vt.advance(POLICY.max_delay)
+                got += [(await next_item(sub)).offset for _ in range(8)]
+                assert got == list(range(1, 11))
+                assert not any(isinstance(item, Reset) for item in sub._items)
+    run(body())
+
+
 # -- commands ----------------------------------------------------------------------------------------
 def test_replies_are_matched_by_id_and_errors_carry_the_code() -> None:
     async def body() -> None:

@@ -715,7 +715,7 @@ class TidingsClient:
             self._subs[name] = personal
         if personal._paused:
             # The server joined it anyway; stop the flow until the consumer catches up.
-            self._send("unsubscribe", {"channel": personal.channel}, _ignore)
+            self._leave(personal)
         elif personal.channel:
             personal._joined(personal_data, listener.resumed_personal)
         for sub in list(self._subs.values()):
@@ -743,9 +743,16 @@ class TidingsClient:
         if sub._closed or self._subs.get(sub.channel) is not sub:
             return
         if msg.get("type") == "subscribed":
+            data = msg.get("data") or {}
+            if resumed and "recovered" not in data and _ahead(data, sub._position):
+                # The server still held the channel (a leave did not take), so it replayed
+                # nothing and we refused what it sent meanwhile: leave and resume again.
+                sub._failures += 1
+                self._later(self._policy.backoff(sub._failures, self._random), lambda: self._resync(sub))
+                return
             sub._failures = 0
             sub._last_error = None
-            sub._joined(msg.get("data") or {}, resumed)
+            sub._joined(data, resumed)
             return
         error = _server_error(msg)
         sub._last_error = error
@@ -832,7 +839,25 @@ class TidingsClient:
         log.warning("tidings_client: %s: consumer is %d events behind; pausing the channel",
                     sub.channel, sub._events)
         if self._connected:
-            self._send("unsubscribe", {"channel": sub.channel}, _ignore)
+            self._leave(sub)
+
+    def _leave(self, sub: Subscription) -> None:
+        """Unsubscribe a paused channel at the server, trying again if refused (rate_limited):
+        a channel still held would keep sending events that are only refused."""
+        def left(msg: Reply) -> None:
+            if msg.get("type") == "error" and sub._paused and not sub._closed:
+                retry = _server_error(msg).retry_after_ms
+                self._later(retry / 1000 if retry else self._policy.min_delay, lambda: self._leave(sub))
+
+        if self._connected and sub._paused and not sub._closed:
+            self._send("unsubscribe", {"channel": sub.channel}, left)
+
+    def _resync(self, sub: Subscription) -> None:
+        """Leave and subscribe again from the position (the server handles the two in order)."""
+        if sub._closed or sub._paused or not self._connected or self._subs.get(sub.channel) is not sub:
+            return
+        self._send("unsubscribe", {"channel": sub.channel}, _ignore)
+        self._send_subscribe(sub)
 
     def _resume(self, sub: Subscription) -> None:
         """The consumer caught up: subscribe again from the last queued event. The server replays
@@ -896,6 +921,14 @@ def _server_error(msg: Reply) -> ServerError:
     retry = data.get("retry_after_ms")
     return ServerError(str(data.get("code", "internal_error")), str(data.get("message", "")),
                        int(retry) if isinstance(retry, int | float) else None)
+
+
+def _ahead(data: Reply, position: Position | None) -> bool:
+    """Whether a reply's channel position lies past `position` (events we do not have)."""
+    offset, epoch = data.get("offset"), data.get("epoch")
+    if position is None or not isinstance(offset, int) or not epoch:
+        return False
+    return epoch != position.epoch or offset > position.offset
 
 
 def _describe(exc: BaseException) -> str:
