@@ -184,7 +184,7 @@ def test_the_token_is_refreshed_before_it_expires(svc: TidingsService) -> None:
             hello = await client.wait_connected(READ)
             sub = await client.subscribe("conversation:refresh")
             await asyncio.sleep(hello.expires_at + 1 + 1.0 - time.time())  # past exp + leeway
-            assert client.connected and gone == [] and tokens.calls == 2
+            assert client.connected and gone == [] and tokens.calls >= 2
             assert client.expires_at is not None and client.expires_at > hello.expires_at
             pos = await client.publish("conversation:refresh", "chat_message", {})
             assert (await read(sub, 1))[0].position == pos
@@ -282,7 +282,9 @@ def test_a_hundred_clients_dropped_at_once_spread_their_reconnects() -> None:
                   f"max {returns[-1]:.2f}s")
             assert all(d.code == 1006 for d in first.values())
             assert delays[0] >= 1.0 and delays[-1] <= 2.0
-            assert delays[-1] - delays[0] > 0.7 and len(set(delays)) > 90  # spread, not a pulse
+            # spread over the whole second, not a pulse (100 draws of 1001 whole milliseconds
+            # repeat a few by chance)
+            assert delays[-1] - delays[0] > 0.7 and len(set(delays)) > 80
             await asyncio.gather(*(c.close() for c in clients))
 
         run(body(), timeout=40)

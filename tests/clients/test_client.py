@@ -425,6 +425,20 @@ def test_a_refused_leave_does_not_lose_events_either() -> None:
     run(body())
 
 
+def test_subscribing_to_the_personal_channel_by_name_is_refused() -> None:
+    async def body() -> None:
+        vt = VirtualTime()
+        async with FakeServer(vt.wall) as server:
+            client = new_client(server, vt)
+            client.start()  # not connected yet: the client does not know whose channel it is
+            with pytest.raises(ServerError) as refused:
+                await client.subscribe("user:u1")
+            assert refused.value.code == "invalid_request"
+            assert client.subscriptions == {"user:u1": client.personal}
+            await client.close()
+    run(body())
+
+
 # -- commands ----------------------------------------------------------------------------------------
 def test_replies_are_matched_by_id_and_errors_carry_the_code() -> None:
     async def body() -> None:

@@ -712,6 +712,10 @@ class TidingsClient:
             if personal.channel:
                 self._subs.pop(personal.channel, None)
             personal.channel = name
+            clash = self._subs.get(name)
+            if clash is not None:  # subscribed by name before the first connect told us whose it is
+                refusal = ServerError("invalid_request", f"{name} is the personal channel: use client.personal")
+                self._drop(clash, refusal, report=clash._joined_once)
             self._subs[name] = personal
         if personal._paused:
             # The server joined it anyway; stop the flow until the consumer catches up.
