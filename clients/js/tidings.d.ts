@@ -102,6 +102,7 @@ export declare class TidingsError extends Error {
 }
 
 export declare class Subscription {
+  private constructor();
   /** null only for the personal channel before the first `connected`. */
   readonly channel: string | null;
   readonly position: Position | null;

@@ -31,7 +31,7 @@ export const POLICY = Object.freeze({
 const REPLY_TYPES = new Set(["connected", "subscribed", "unsubscribed", "pong", "published", "refreshed", "error"]);
 // Subscribe errors that pass (the hub was briefly away, or we went too fast): try again later.
 const RETRYABLE = new Set(["subscription_failed", "internal_error", "rate_limited"]);
-// Until the first `connected` says otherwise: the server's defaults.
+// The server's defaults, for a server whose `connected` does not carry its figures yet.
 const DEFAULT_PING_INTERVAL_S = 25;
 const DEFAULT_PONG_TIMEOUT_S = 20;
 // A token this close to expiry is not worth refreshing: the server closes with 4002 and the
@@ -203,6 +203,10 @@ export class TidingsClient extends Emitter {
     /** @private */ this._minDelay = options.minDelayMs ?? POLICY.backoff_min_ms;
     /** @private */ this._maxDelay = options.maxDelayMs ?? POLICY.backoff_max_ms;
     /** @private */ this._maxAttempts = options.maxAttempts ?? Infinity;
+    if (!(this._minDelay > 0 && this._maxDelay >= this._minDelay)) {
+      // A zero delay is the reconnect loop that hits a server hundreds of times a second.
+      throw new RangeError("reconnect delays must be positive, with minDelayMs <= maxDelayMs");
+    }
     /** @private */ this._random = options.random ?? Math.random;
     /** @private */ this._clock = options.clock ?? DEFAULT_CLOCK;
     /** @private */ this._network =
@@ -401,7 +405,7 @@ export class TidingsClient extends Emitter {
     const ws = this._ws;
     if (!ws) return;
     this._ws = null;
-    ws.onmessage = ws.onclose = ws.onerror = ws.onopen = NOOP;
+    ws.onmessage = ws.onclose = ws.onerror = NOOP;
     ws.close(1000);
   }
 
@@ -486,6 +490,8 @@ export class TidingsClient extends Emitter {
       this.personal.position = null;
     }
     this.personal._joined(personal);
+    const clash = this.subscriptions.get(personal.channel);
+    if (clash) this._drop(clash, "invalid_request", `${personal.channel} is the personal channel: use client.personal`);
     for (const sub of this.subscriptions.values()) this._sendSubscribe(sub);
     this._emit("connected", data);
   }
@@ -524,22 +530,22 @@ export class TidingsClient extends Emitter {
       return;
     }
     // "unauthorized": a refreshed token no longer allows the channel; it will not take us back.
-    this.subscriptions.delete(data.channel);
+    this._drop(sub, data.reason, `the server ended the subscription: ${data.reason}`);
+  }
+
+  /** @private a subscription that is over: told why, then forgotten */
+  _drop(sub, code, message) {
     this._clearRetry(sub);
     sub.state = "unsubscribed";
-    sub._emit("error", { code: data.reason, message: `the server ended the subscription: ${data.reason}`, willRetry: false, delayMs: null });
+    sub._emit("error", { code, message, willRetry: false, delayMs: null });
+    if (sub === this.personal) return; // held by the server for as long as the connection
+    this.subscriptions.delete(sub.channel);
     sub._end();
   }
 
   /** @private */
   _subscribeFailed(sub, data) {
-    if (!RETRYABLE.has(data.code)) {
-      if (sub !== this.personal) this.subscriptions.delete(sub.channel);
-      sub.state = "unsubscribed";
-      sub._emit("error", { code: data.code, message: data.message, willRetry: false, delayMs: null });
-      if (sub !== this.personal) sub._end();
-      return;
-    }
+    if (!RETRYABLE.has(data.code)) return this._drop(sub, data.code, data.message);
     sub._failures += 1;
     const delayMs =
       data.code === "rate_limited" && data.retry_after_ms

@@ -413,11 +413,30 @@ test("nothing is left behind: 1000 subscribe/unsubscribe cycles, then close()", 
   assert.equal(client.personal._handlers.size, 0);
   assert.equal(client.subscriptions.size, 0);
   assert.equal(ws.closedWith, 1000);
-  assert.ok([ws.onmessage, ws.onclose, ws.onerror].every((fn) => fn === ws.onopen), "socket handlers detached");
+  assert.equal(new Set([ws.onmessage, ws.onclose, ws.onerror]).size, 1, "socket handlers detached (one no-op)");
   ws.receive({ type: "chat_message", channel: "conversation:kept", data: {}, offset: 1, epoch: "E" });
   assert.equal(events, 900);
   await assert.rejects(client.ping(), { code: "closed" });
   assert.throws(() => client.subscribe("conversation:late"));
+});
+
+test("zero or inverted delays are refused", () => {
+  const make = (options) => () => new TidingsClient("ws://x/ws", { getToken: () => "t", WebSocket: fakeWebSocketClass(), network: null, ...options });
+  assert.throws(make({ minDelayMs: 0 }), RangeError);
+  assert.throws(make({ minDelayMs: 2000, maxDelayMs: 1000 }), RangeError);
+});
+
+test("a subscription to the personal channel is refused: client.personal has its events", async () => {
+  const { client, connect } = setup();
+  const sub = client.subscribe("user:u1");
+  const errors = [];
+  sub.on("error", (e) => errors.push(e.code));
+  const ws = await connect();
+  assert.deepStrictEqual(errors, ["invalid_request"]);
+  assert.equal(client.subscriptions.size, 0);
+  assert.equal(ws.lastSent("subscribe"), undefined);
+  assert.throws(() => client.subscribe("user:u1"));
+  assert.throws(() => client.personal.unsubscribe());
 });
 
 test("maxAttempts: gives up after that many reconnects in a row", async () => {
