@@ -305,6 +305,8 @@ export class TidingsClient extends Emitter {
     this._dropSocket();
     const seq = ++this._dialSeq;
     this.state = "connecting";
+    // Counted from here: a getToken() that never answers is a failed attempt too.
+    this._setTimer("connect", POLICY.connect_timeout_ms, () => this._closed(1006, "connect timeout"));
     this._emit("connecting", { attempt: this._attempt });
     let token;
     try {
@@ -321,12 +323,17 @@ export class TidingsClient extends Emitter {
       return this._stop("unauthorized", "getToken returned the token the server refused");
     }
     this._token = token;
-    const ws = new this._WebSocket(this._connectUrl(token));
+    let ws;
+    try {
+      ws = new this._WebSocket(this._connectUrl(token));
+    } catch (err) {
+      // A malformed URL: no retry will fix it. (The message leaves out the URL: it holds the token.)
+      return this._stop("invalid_request", `cannot open a WebSocket to ${this._url}: ${err?.name ?? err}`);
+    }
     this._ws = ws;
     ws.onmessage = (m) => this._ws === ws && this._receive(m.data);
     ws.onclose = (e) => this._ws === ws && this._closed(e.code, e.reason);
     ws.onerror = NOOP; // a close event follows every error
-    this._setTimer("connect", POLICY.connect_timeout_ms, () => this._closed(1006, "connect timeout"));
   }
 
   /** @private */

@@ -420,6 +420,23 @@ test("nothing is left behind: 1000 subscribe/unsubscribe cycles, then close()", 
   assert.throws(() => client.subscribe("conversation:late"));
 });
 
+test("a getToken that never answers times out like a connect; a malformed URL stops", async () => {
+  const { clock, WS, seen } = setup({ getToken: () => new Promise(() => {}) });
+  await clock.advance(POLICY.connect_timeout_ms);
+  assert.equal(seen.disconnected[0].reason, "connect timeout");
+  assert.equal(seen.disconnected[0].willReconnect, true);
+  assert.equal(WS.sockets.length, 0);
+  class Refusing {
+    constructor() {
+      throw new SyntaxError("bad URL");
+    }
+  }
+  const bad = setup({ WebSocket: Refusing });
+  await settle();
+  assert.equal(bad.seen.errors[0].code, "invalid_request");
+  assert.equal(bad.client.state, "closed");
+});
+
 test("zero or inverted delays are refused", () => {
   const make = (options) => () => new TidingsClient("ws://x/ws", { getToken: () => "t", WebSocket: fakeWebSocketClass(), network: null, ...options });
   assert.throws(make({ minDelayMs: 0 }), RangeError);
