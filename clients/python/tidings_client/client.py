@@ -591,8 +591,9 @@ class TidingsClient:
         self._closing = True
         error = self._stop_error
         listener = self._listener
-        if listener is not None and listener.transport is not None:
-            listener.transport.disconnect(graceful=False)
+        if listener is not None:
+            if listener.transport is not None:
+                listener.transport.disconnect(graceful=False)
             self._transport_closed(listener)
         if self._ready is not None:
             self._ready.set()  # wakes commands waiting for a connection; they see _finished
