@@ -132,14 +132,20 @@ export class Subscription extends Emitter {
     this._client._unsubscribe(this);
   }
 
-  /** @private `subscribed`, or the personal channel's part of `connected` */
-  _joined(data) {
+  /**
+   * @private `subscribed` (`since`: the position the subscribe resumed from), or the personal
+   * channel's part of `connected`
+   */
+  _joined(data, since) {
+    let recovered = data.recovered;
+    // A resume answered as "already held" replays nothing: whole only if nothing was missed.
+    if (since && recovered === undefined) recovered = data.epoch === since.epoch && data.offset === since.offset;
     // With recovered: true the missed events follow and move the position on themselves; taking
     // the reply's offset now would skip them if the connection dropped halfway through.
     if (data.recovered !== true && data.epoch) this.position = { offset: data.offset, epoch: data.epoch };
     this.state = "subscribed";
     this._failures = 0;
-    this._emit("subscribed", { channel: this.channel, offset: data.offset, epoch: data.epoch, recovered: data.recovered });
+    this._emit("subscribed", { channel: this.channel, offset: data.offset, epoch: data.epoch, recovered });
   }
 
   /** @private */
@@ -220,7 +226,7 @@ export class TidingsClient extends Emitter {
     this._tokenCall = null;
     /** @private set by a 4000-4099 close: the next dial must not use it, and must not be refused too */
     this._refusedToken = null;
-    /** @private id -> {kind, resolve, reject, sub, token, sentAt} */
+    /** @private id -> {kind, resolve, reject, sub, since, token, expiresAt, sentAt} */
     this._pending = new Map();
     /** @private */ this._nextId = 1;
     /** @private failures in a row since the last stable connection */
@@ -508,7 +514,7 @@ export class TidingsClient extends Emitter {
     const { kind, sub } = entry;
     if (kind === "subscribe") {
       if (!this._holds(sub)) return;
-      if (type === "subscribed") sub._joined(data);
+      if (type === "subscribed") sub._joined(data, entry.since);
       else this._subscribeFailed(sub, data);
     } else if (kind === "refresh") {
       if (type === "refreshed") {
@@ -570,8 +576,9 @@ export class TidingsClient extends Emitter {
   _sendSubscribe(sub) {
     this._clearRetry(sub);
     const id = this._newId();
-    this._pending.set(id, { kind: "subscribe", sub });
-    const data = sub.position ? { channel: sub.channel, since: sub.position } : { channel: sub.channel };
+    const since = sub.position;
+    this._pending.set(id, { kind: "subscribe", sub, since });
+    const data = since ? { channel: sub.channel, since } : { channel: sub.channel };
     this._send({ type: "subscribe", id, data });
   }
 

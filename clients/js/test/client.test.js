@@ -326,6 +326,11 @@ test("after a reconnect every channel resumes from its position; recovered: fals
   ws.receive({ type: "subscribed", id: again.id, data: { channel: "conversation:c1", offset: 42, epoch: "E", recovered: true } });
   for (const offset of [41, 42]) ws.receive({ type: "chat_message", channel: "conversation:c1", data: {}, offset, epoch: "E" });
   assert.deepStrictEqual(got, [6, 7, 41, 42]);
+  // A resume answered as already held (no `recovered`, nothing replayed) while behind: not whole.
+  ws.receive({ type: "unsubscribed", data: { channel: "conversation:c1", reason: "insufficient_state" } });
+  ws.receive({ type: "subscribed", id: ws.lastSent("subscribe").id, data: { channel: "conversation:c1", offset: 50, epoch: "E" } });
+  assert.equal(subscribed.at(-1).recovered, false);
+  assert.deepStrictEqual(sub.position, { offset: 50, epoch: "E" });
   // ... and for a token that no longer allows it: told, not resubscribed.
   const errors = [];
   sub.on("error", (e) => errors.push(e));
