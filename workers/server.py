@@ -24,6 +24,7 @@ import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ FD_RESERVED = 100  # descriptors a worker needs besides its connections (listene
 FD_WARN_EVERY = 10.0  # seconds between those warnings: the condition lasts, the log must not flood
 CLIENTS_JS = Path(__file__).resolve().parent.parent / "clients" / "js"
 DEMO_FILES = {  # path -> (file in clients/js, content type), served when TIDINGS_DEMO=1
-    "/demo": ("demo.html", "text/html; charset=utf-8"),
+    "/demo": ("", ""),  # redirected to /demo/, so the page's `./tidings.js` resolves under /demo/
     "/demo/": ("demo.html", "text/html; charset=utf-8"),
     "/demo/tidings.js": ("tidings.js", "text/javascript; charset=utf-8"),
 }
@@ -317,7 +318,7 @@ class Worker:
                         if status_ok else WSUpgradeResponse.create_error_response(503, body))
             return WSUpgradeResponseWithListener(response, None)
         if target.path in DEMO_FILES and self.config.demo:
-            return self._demo_file(target.path)
+            return self._demo_file(target.path, target.query)
         if target.path not in ("/ws", "/echo") or (target.path == "/echo" and not self.config.conformance_echo):
             return None
         if self.stopping:
@@ -344,10 +345,14 @@ class Worker:
         connection_id = f"{self.index}-{self.boot}-{next(self.ids)}"
         return ClientConnection(self, Session(claims, connection_id, self.limits, self.loop.time(), since=since))
 
-    def _demo_file(self, path: str) -> WSUpgradeResponseWithListener:
+    def _demo_file(self, path: str, query: str) -> WSUpgradeResponseWithListener:
         """The demo page and the client module it imports, read from clients/js on each request
         (a development aid: edits show on reload)."""
         name, content_type = DEMO_FILES[path]
+        if not name:
+            location = "/demo/" + (f"?{query}" if query else "")
+            return WSUpgradeResponseWithListener(
+                WSUpgradeResponse.create_redirect_response(HTTPStatus.FOUND, location), None)
         try:
             body = (CLIENTS_JS / name).read_bytes()
         except OSError as exc:

@@ -66,3 +66,24 @@ def test_personal_channels_are_their_users_alone(svc: TidingsService) -> None:
     svc_token = svc.token("notifier", publish=["user:bob"])  # an exact entry: allowed
     n, _ = connect(svc.ws_url(svc_token))
     assert n.request("publish", {"channel": "user:bob", "type": "notification", "data": {}})["type"] == "published"
+
+
+def test_demo_page_is_served_only_when_asked() -> None:
+    import urllib.error
+    import urllib.request
+
+    def get(svc: TidingsService, path: str) -> tuple[int, bytes, str]:
+        req = urllib.request.Request(f"http://127.0.0.1:{svc.port}{path}")
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:  # follows the /demo -> /demo/ redirect
+                return r.status, r.read(), r.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), ""
+
+    with TidingsService(workers=1, env={"TIDINGS_DEMO": "1"}) as svc:
+        status, body, kind = get(svc, "/demo?token=abc")
+        assert status == 200 and kind.startswith("text/html") and b"tidings.js" in body
+        status, body, kind = get(svc, "/demo/tidings.js")
+        assert status == 200 and kind.startswith("text/javascript") and b"export class TidingsClient" in body
+    with TidingsService(workers=1) as svc:
+        assert get(svc, "/demo/")[0] == 404
