@@ -5,14 +5,14 @@ PYTHON ?= python3
 
 .PHONY: install run test lint bench loadtest install-systemd clean
 
-$(BIN)/.installed: pyproject.toml
+# The Python client (clients/python) goes in too: our tests use it, as anyone scripting would.
+$(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' -e clients/python
 	touch $@
 
-install: $(BIN)/.installed      ## also the Python client (once it exists) and the JavaScript client's test tools
-	if [ -f clients/python/pyproject.toml ]; then $(BIN)/pip install -q -e clients/python; fi
+install: $(BIN)/.installed      ## also the JavaScript client's test tools (when node is there)
 	if command -v node >/dev/null 2>&1; then cd clients/js && npm ci --no-audit --no-fund --loglevel=error; fi
 
 run: $(BIN)/.installed          ## install into .venv, then start one hub and N workers
