@@ -7,10 +7,12 @@ and, when its namespace keeps history, its last events as the exact egress messa
 are always contiguous and end at the top, so the first one is `top - len(items) + 1` without
 parsing anything.
 
-Epochs are per channel: the first 8 hex digits are random per hub start, the last 8 count the
-streams this hub created. A stream that is dropped (its metadata idle past `meta_ttl`, or a hub
-restart without persistence) comes back with a new epoch, so an old position never matches new
-offsets. The top offset is kept apart from the events: a channel whose events expired still
+Epochs are per channel stream: the first 8 hex digits are random per hub start, the last 8 count
+the hub's eras. A new stream takes the current era's epoch, and the era advances whenever a sweep
+drops a stream, so a channel whose stream was dropped (its metadata idle past `meta_ttl`, or a hub
+restart without persistence) comes back under a new epoch and an old position never matches new
+offsets. Streams of one era share their epoch objects: a million quiet channels do not hold a
+million copies of the same 16 bytes. The top offset is kept apart from the events: a channel whose events expired still
 answers "nothing missed" to a client already at the top.
 
 Memory is bounded three ways:
@@ -78,10 +80,11 @@ def parse_history_spec(spec: str) -> dict[str, Retention]:
 class Stream:
     __slots__ = ("epoch", "items", "last_publish", "last_use", "nbytes", "retention", "tail", "top", "topic")
 
-    def __init__(self, topic: bytes, epoch: bytes, top: int, now: float, retention: Retention | None) -> None:
+    def __init__(self, topic: bytes, epoch: bytes, tail: bytes, top: int, now: float,
+                 retention: Retention | None) -> None:
         self.topic = topic
         self.epoch = epoch
-        self.tail = epoch_tail(epoch)  # how every payload of this epoch ends: one format per event
+        self.tail = tail  # epoch_tail(epoch), how every payload ends: one format per event
         self.top = top
         self.last_use = now  # publish, read or subscription: what meta_ttl counts from
         self.last_publish = now
@@ -121,7 +124,11 @@ class HistoryStore:
         self.max_bytes = max_bytes
         self.meta_ttl = meta_ttl
         self.epoch_prefix = epoch_prefix or secrets.token_hex(EPOCH_BYTES // 4).encode()
-        self.generation = 0
+        self.era = 0
+        self.era_epoch = b""
+        self.era_tail = b""
+        self._epochs: dict[bytes, tuple[bytes, bytes]] = {}  # epoch -> (the shared epoch, its tail)
+        self._next_era()
         # Every stream. Not reordered per event (that costs every publish ~50 ns): `expire` walks it
         # from the front like a clock hand, dropping stale streams and moving fresh ones back.
         self.streams: OrderedDict[bytes, Stream] = OrderedDict()
@@ -183,12 +190,21 @@ class HistoryStore:
         if self.nbytes > self.max_bytes:
             self._evict()
 
+    def _next_era(self) -> None:
+        self.era += 1
+        self.era_epoch, self.era_tail = self._shared(b"%b%08x" % (self.epoch_prefix, self.era & 0xFFFFFFFF))
+
+    def _shared(self, epoch: bytes) -> tuple[bytes, bytes]:
+        """One (epoch, tail) pair of objects per distinct epoch (eras, and those read from disk)."""
+        pair = self._epochs.get(epoch)
+        if pair is None:
+            pair = self._epochs[epoch] = (epoch, epoch_tail(epoch))
+        return pair
+
     def _create(self, topic: bytes, now: float, epoch: bytes | None = None, top: int = 0) -> Stream:
-        if epoch is None:
-            self.generation += 1
-            epoch = b"%b%08x" % (self.epoch_prefix, self.generation & 0xFFFFFFFF)
+        epoch, tail = (self.era_epoch, self.era_tail) if epoch is None else self._shared(epoch)
         namespace = topic.split(NAMESPACE_END, 1)[0]
-        stream = Stream(topic, epoch, top, now, self.by_namespace.get(namespace))
+        stream = Stream(topic, epoch, tail, top, now, self.by_namespace.get(namespace))
         self.streams[topic] = stream
         if self.journal is not None:
             self.journal.append((topic, epoch, top))
@@ -283,6 +299,7 @@ class HistoryStore:
         streams = self.streams
         cutoff = now - self.meta_ttl
         budget = max(META_SWEEP_MIN, int(len(streams) * 2 / self.meta_ttl) + 1)
+        dropped = self.counters.dropped_streams
         while streams and budget > 0:
             topic, stream = next(iter(streams.items()))
             if stream.last_use <= cutoff and subscribed(topic):
@@ -295,6 +312,8 @@ class HistoryStore:
             if stream.items:
                 self._drop_items(stream, len(stream.items))
             self.counters.dropped_streams += 1
+        if self.counters.dropped_streams != dropped:
+            self._next_era()  # the dropped channels' next streams must not reuse their epoch
 
     # -- persistence -----------------------------------------------------------------------------
     def take_journal(self) -> list[JournalRecord]:

@@ -133,14 +133,29 @@ def test_epochs_are_per_channel_ascii_and_stable() -> None:
         again = [split_egress(m)[3] for m in stamp(store, name, 3)]
         assert again == [epoch] * 3  # stable for the channel
         assert store.position(topic(name), NOW)[1] == epoch
-    assert len(set(epochs.values())) == len(names)  # different per channel
+    # streams created in one era share the era's epoch (and its objects: no copy per channel)
+    assert len(set(epochs.values())) == 1
+    assert store.streams[topic("conversation:a")].epoch is store.streams[topic("task:1")].epoch
     assert len({e[:8] for e in epochs.values()}) == 1  # one hub start: one random prefix
 
 
 def test_an_injected_epoch_prefix_starts_every_epoch() -> None:
     store = HistoryStore({}, 1 << 20, META_TTL, epoch_prefix=b"0badcafe")
     assert store.position(topic("a:1"), NOW)[1] == b"0badcafe00000001"
-    assert store.position(topic("a:2"), NOW)[1] == b"0badcafe00000002"
+    assert store.position(topic("a:2"), NOW)[1] == b"0badcafe00000001"  # the same era
+
+
+def test_a_dropped_channel_comes_back_in_a_new_era_and_the_others_keep_theirs() -> None:
+    store = HistoryStore({}, 1 << 20, META_TTL, epoch_prefix=b"0badcafe")
+    stamp(store, "a:gone", 3, now=NOW)
+    kept = store.position(topic("a:kept"), NOW)[1]
+    store.expire(NOW + META_TTL, lambda t: t == topic("a:kept"))
+    assert topic("a:gone") not in store.streams and store.era == 2
+    again = split_egress(stamp(store, "a:gone", 1, now=NOW + META_TTL + 1)[0])
+    assert (again[1], again[3]) == (1, b"0badcafe00000002")  # offset 1 of a new epoch
+    assert store.position(topic("a:kept"), NOW + META_TTL + 1)[1] == kept  # untouched
+    store.expire(NOW + META_TTL + 2, lambda t: True)
+    assert store.era == 2  # nothing dropped: no new era
 
 
 def test_position_creates_a_stream_at_top_zero() -> None:
