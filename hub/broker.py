@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -22,15 +23,18 @@ import orjson
 import zmq
 
 from hub.envelope import (
+    ANSWERED,
     HISTORY_REQUEST,
     MAX_CHANNEL_BYTES,
     PUBLISH_REQUEST,
     REPLY_HWM,
     REQUEST_HWM,
     STAMP,
+    answer_message,
     check_channel,
     egress_position,
     read_ingress,
+    split_confirmed,
     topic_for,
 )
 from hub.history import HistoryStore, parse_history_spec
@@ -45,6 +49,7 @@ EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 EVENTS_CHECKS = 4  # receives per pass preceded by a ZMQ_EVENTS look; a busy socket reads until Again
 DRAIN_BATCH = 2000  # messages per pass: large enough to amortise poll(), small enough to stay responsive
+ANSWERED_TOPIC = bytes((ANSWERED,))
 REQUEST_BATCH = 256  # requests answered per pass, so reads never starve the forwarding loop
 MAX_REQUEST_LIMIT = 10_000  # events one history read may return
 TICK_SECONDS = 1.0  # metrics flush, status line, watchdog floor
@@ -223,6 +228,9 @@ class Broker:
                 message = recv(NOBLOCK)
             except zmq.Again:
                 break
+            if message[0] == ANSWERED:  # a worker's publishes, answered on its reply topic
+                forwarded += self._confirmed(message, now, send)
+                continue
             records, problem = read_ingress(message, max_body)
             if problem is not None:
                 self.stats.hub_events_dropped[problem] += 1
@@ -235,6 +243,32 @@ class Broker:
             self._send_written(held, now)
         self.stats.hub_events_in += forwarded
         self.stats.hub_ingress_queue = forwarded
+
+    def _confirmed(self, message: bytes, now: float, send: Callable[[bytes], object]) -> int:
+        """Stamp and send a confirmed ingress message's events, then its answer (after them, on
+        the same XPUB: the worker gets both in one wake-up). Returns the events stamped."""
+        parts = split_confirmed(message)
+        if parts is None:
+            self.stats.hub_events_dropped["confirmed"] += 1
+            self.drop_log.warning(time.monotonic(), "dropped an ingress message: bad confirmed header")
+            return 0
+        reply_topic, request_id, body = parts
+        records, problem = read_ingress(body, self.max_body)
+        if problem is not None:
+            self.stats.hub_events_dropped[problem] += 1
+            send(answer_message(reply_topic, request_id, orjson.dumps({"ok": False, "error": f"bad {problem}"})))
+            return 0
+        stamp = self.store.stamp
+        positions = []
+        for topic, event in records:
+            stamped = stamp(topic, event, now)
+            send(stamped)
+            # from the message, not the stream: two records of one channel get two offsets
+            offset, _, epoch = STAMP.unpack_from(stamped, len(topic))
+            positions.append((offset, epoch.decode()))
+        send(answer_message(reply_topic, request_id, orjson.dumps({"ok": True, "positions": positions})))
+        self.stats.confirmed_publishes += len(records)
+        return len(records)
 
     def _send_written(self, messages: list[bytes], now: float) -> None:
         try:
@@ -310,6 +344,8 @@ class Broker:
             if not msg:
                 continue
             topic = msg[1:]
+            if topic[:1] == ANSWERED_TOPIC:
+                continue  # a worker's reply topic: not a channel (no position, not counted)
             if msg[0] == 1:
                 self.subscribers[topic] = self.subscribers.get(topic, 0) + 1
                 self.stats.hub_subscribes["subscribe"] += 1

@@ -24,6 +24,14 @@ Egress (hub -> workers, XPUB/SUB):
         event after `top`). Every subscriber of the topic gets it, which doubles as a check:
         a worker that saw less than `top` lost events at the high-water mark.
 
+Confirmed ingress (a worker's client publishes and HTTP publishes, PUSH/PULL like any ingress):
+    ANSWERED + len(reply_topic) + reply_topic + REQUEST_ID + records
+    The hub stamps the records like any others, sends their events, then sends on the XPUB:
+    reply_topic + REQUEST_ID + JSON {"ok": true, "positions": [[offset, epoch], ...]}
+    The worker subscribes to its own reply topic, so the answer comes on the socket that brings
+    the events, right after them: the same wake-up, usually the same write as the events. A reply
+    topic starts with the ANSWERED byte, which no channel name holds.
+
 Requests (DEALER -> the hub's ROUTER), multipart: [op, request id, body]; the reply echoes op
 and id, then a JSON header, then (history only) the egress messages found:
     b"history"  body = JSON {"channel", "since": {"offset", "epoch"} | null, "limit"}
@@ -53,6 +61,9 @@ TOPIC_END = b"\0"
 BODY_LEN = struct.Struct("!I")  # ingress record: body length after the topic
 EPOCH_BYTES = 16  # a channel's epoch: 16 hex characters (hub/history.py), so it reads as a JSON string too
 STAMP = struct.Struct(f"!Qd{EPOCH_BYTES}s")  # offset (per channel, from 1), hub time.time(), epoch
+ANSWERED = 0x01  # first byte of a confirmed ingress message and of every reply topic
+REPLY_TOPIC_LEN = struct.Struct("!B")
+REQUEST_ID = struct.Struct("!Q")
 HISTORY_REQUEST = b"history"
 PUBLISH_REQUEST = b"publish"
 # Requests and replies queued per peer on the request sockets. Large and independent of the
@@ -213,3 +224,35 @@ def split_egress(message: bytes) -> tuple[bytes, int, float, bytes, bytes]:
     end = message.index(TOPIC_END) + 1
     offset, hub_time, epoch = STAMP.unpack_from(message, end)
     return message[:end], offset, hub_time, epoch, message[end + STAMP.size:]
+
+
+# -- confirmed ingress ------------------------------------------------------------------------------
+def reply_topic_for(name: str) -> bytes:
+    """A worker's own topic for the hub's answers (name: unique per worker process)."""
+    return bytes((ANSWERED,)) + name.encode() + TOPIC_END
+
+
+def confirmed_ingress(reply_topic: bytes, request_id: int, records: bytes) -> bytes:
+    return (bytes((ANSWERED,)) + REPLY_TOPIC_LEN.pack(len(reply_topic)) + reply_topic
+            + REQUEST_ID.pack(request_id) + records)
+
+
+def split_confirmed(message: bytes) -> tuple[bytes, int, bytes] | None:
+    """(reply topic, request id, records) of a confirmed ingress message; None if malformed."""
+    if len(message) < 2:
+        return None
+    end = 2 + message[1]
+    if len(message) < end + REQUEST_ID.size or message[end - 1] != 0 or message[2] != ANSWERED:
+        return None
+    return message[2:end], REQUEST_ID.unpack_from(message, end)[0], message[end + REQUEST_ID.size:]
+
+
+def answer_message(reply_topic: bytes, request_id: int, body: bytes) -> bytes:
+    """The hub's answer to a confirmed ingress message, sent on the XPUB to its worker."""
+    return reply_topic + REQUEST_ID.pack(request_id) + body
+
+
+def split_answer(message: bytes) -> tuple[int, bytes]:
+    """(request id, JSON body) of an answer."""
+    end = message.index(TOPIC_END) + 1
+    return REQUEST_ID.unpack_from(message, end)[0], message[end + REQUEST_ID.size:]

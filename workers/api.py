@@ -30,7 +30,6 @@ from aiohttp import web
 
 from hub.envelope import (
     HISTORY_REQUEST,
-    PUBLISH_REQUEST,
     EnvelopeError,
     check_channel,
     encode_event,
@@ -129,7 +128,7 @@ class PublishAPI:
                 return _json(503, {"ok": False, "error": "hub_unavailable", "published": 0,
                                    "message": "hub did not take the event"})
             return _json(200, {"ok": True, "channels": sent, "confirmed": False})
-        asked, frames = await self._ask(PUBLISH_REQUEST, message)
+        asked, frames = await self._ask(message)
         header = orjson.loads(frames[0]) if frames else {}
         positions = header.get("positions")
         if not header.get("ok") or not isinstance(positions, list) or len(positions) != sent:
@@ -146,15 +145,20 @@ class PublishAPI:
             return _json(200, {"ok": True, "channels": sent, "positions": stamped})
         return _json(200, {"ok": True, "channels": 1, **stamped[0]})
 
-    async def _ask(self, op: bytes, body: bytes) -> tuple[bool, list[bytes] | None]:
-        """One request to the hub: (sent, its reply frames or None when it could not go or timed out)."""
+    async def _ask(self, records: bytes | None, history: bytes = b"") -> tuple[bool, list[bytes] | None]:
+        """Confirmed ingress `records`, or a `history` read: (sent, the hub's answer frames, or
+        None when it could not go or timed out)."""
         future: asyncio.Future[list[bytes] | None] = asyncio.get_running_loop().create_future()
 
         def answer(frames: list[bytes] | None) -> None:
             if not future.done():
                 future.set_result(frames)
 
-        if self.worker.request(op, body, answer) is None:
+        if records is not None:
+            sent = self.worker.publish_confirmed(records, answer)
+        else:
+            sent = self.worker.request(HISTORY_REQUEST, history, answer) is not None
+        if not sent:
             return False, None
         return True, await future
 
@@ -178,7 +182,7 @@ class PublishAPI:
                     raise ValueError("since must be an offset >= 0")
         except (EnvelopeError, ValueError) as exc:
             return _json(400, {"ok": False, "error": "invalid_request", "message": str(exc)})
-        _, frames = await self._ask(HISTORY_REQUEST, orjson.dumps({"channel": channel, "since": since, "limit": limit}))
+        _, frames = await self._ask(None, orjson.dumps({"channel": channel, "since": since, "limit": limit}))
         header = orjson.loads(frames[0]) if frames else {}
         if not header.get("ok"):
             return _json(503, {"ok": False, "error": "hub_unavailable",

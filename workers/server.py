@@ -37,7 +37,15 @@ from picows import (
     ws_create_server,
 )
 
-from hub.envelope import HISTORY_REQUEST, PUBLISH_REQUEST, split_egress
+from hub.envelope import (
+    ANSWERED,
+    HISTORY_REQUEST,
+    REQUEST_ID,
+    confirmed_ingress,
+    reply_topic_for,
+    split_answer,
+    split_egress,
+)
 from tidings.config import Config
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
@@ -103,6 +111,8 @@ class Worker:
         # reply frames after op and id, or None when the hub did not answer in time).
         self.requests: dict[bytes, tuple[float, Callable[[list[bytes] | None], None]]] = {}
         self.boot = secrets.token_hex(2)
+        # The hub answers this worker's confirmed publishes on this topic of its XPUB.
+        self.reply_topic = reply_topic_for(f"worker-{index}-{os.getpid()}-{self.boot}")
         self.writer = LoopPassWriter(self.loop, self.push_publishes, config.max_pending_bytes, self.drop_slow)
         self.hub_up = False
         self.ready = False
@@ -124,6 +134,7 @@ class Worker:
     # == lifecycle =============================================================================
     async def start(self) -> None:
         self.bus.start(self.loop)
+        self.bus.subscribe(self.reply_topic)
         self.server = await ws_create_server(
             self.listener_factory, self.config.host, self.config.port,
             reuse_port=True, backlog=self.config.backlog,
@@ -528,13 +539,28 @@ class Worker:
         if pending is not None:  # else answered after its deadline: already told it failed
             pending[1](frames[2:])
 
+    def publish_confirmed(self, records: bytes, answer: Callable[[list[bytes] | None], None]) -> bool:
+        """Send ingress records the hub answers on this worker's reply topic (hub/envelope.py);
+        `answer` gets [the JSON answer], or None after subscribe_timeout. False if not sent."""
+        request_id = next(self.request_ids)
+        if not self.hub_up or not self.bus.push_message(confirmed_ingress(self.reply_topic, request_id, records)):
+            return False
+        self.requests[REQUEST_ID.pack(request_id)] = (self.loop.time() + self.config.subscribe_timeout, answer)
+        return True
+
+    def _on_answer(self, message: bytes) -> None:
+        request_id, body = split_answer(message)
+        pending = self.requests.pop(REQUEST_ID.pack(request_id), None)
+        if pending is not None:  # else answered after its deadline: already told it failed
+            pending[1]([body])
+
     def push_publishes(self, message: bytes, publishers: list[tuple[ClientConnection, Forward]]) -> bool:
-        """A loop pass's client publishes, one confirmed request: each is answered `published`
+        """A loop pass's client publishes, one confirmed message: each is answered `published`
         with its offset and epoch once the hub stamped it."""
-        sent = self.request(PUBLISH_REQUEST, message, lambda frames: self._answer_publishes(publishers, frames))
-        if sent is None:
+        sent = self.publish_confirmed(message, lambda frames: self._answer_publishes(publishers, frames))
+        if not sent:
             self._count_publishes(len(publishers), False)
-        return sent is not None
+        return sent
 
     def _answer_publishes(self, publishers: list[tuple[ClientConnection, Forward]],
                           frames: list[bytes] | None) -> None:
@@ -667,7 +693,14 @@ class Worker:
         chunks: dict[Channel, list[bytes]] = {}
         events = 0
         hub_time = 0.0
+        answers: list[bytes] | None = None
         for message in batch:
+            if message[0] == ANSWERED:  # the hub's answer to this worker's confirmed publishes
+                if answers is None:
+                    answers = [message]
+                else:
+                    answers.append(message)
+                continue
             topic, offset, hub_time, epoch, payload = split_egress(message)
             channel = by_topic.get(topic)
             if channel is None:
@@ -698,11 +731,9 @@ class Worker:
             self.stats.events_in += events
             self.stats.deliveries += deliveries
             self.stats.latency_samples.append(max(0.0, time.time() - hub_time))
-        # The hub answers a pass's publishes right after stamping them, so the answer is usually
-        # waiting on the request socket too: taking it now puts `published` in the same write as
-        # the events (one write per connection instead of two). After the fan-out, never before:
-        # a recovery it completes already hands its connection this batch's events (held).
-        self.bus.drain_replies()
+        if answers is not None:  # after the events they confirm: `published` follows them
+            for message in answers:
+                self._on_answer(message)
         self.writer.flush()
 
     def _gap(self, channel: str, last: int, offset: int) -> None:
