@@ -296,3 +296,34 @@ def test_client_payload_with_empty_event_data() -> None:
 def test_event_body_matches_encode_event() -> None:
     data = {"k": [1, 2.5, None, "é"]}
     assert event_body("a:b", "x", data, NOW) == encode_event("a:b", "x", data, now=NOW)[1]
+
+
+# -- confirmed ingress ----------------------------------------------------------------------------
+def test_confirmed_ingress_round_trip() -> None:
+    from hub.envelope import (
+        ANSWERED,
+        answer_message,
+        confirmed_ingress,
+        reply_topic_for,
+        split_answer,
+        split_confirmed,
+    )
+
+    reply = reply_topic_for("worker-0-123-abcd")
+    assert reply[0] == ANSWERED and reply.endswith(b"\0")
+    records = ingress_record(*encode_event("conversation:c1", "chat_message", {"n": 1}))
+    message = confirmed_ingress(reply, 2**40 + 7, records)
+    assert message[0] == ANSWERED  # the hub tells it from a plain ingress message by its first byte
+    assert split_confirmed(message) == (reply, 2**40 + 7, records)
+    assert read_ingress(records, 1 << 16)[1] is None
+    # the answer: the reply topic first, so ZeroMQ routes it to that worker alone
+    out = answer_message(reply, 2**40 + 7, b'{"ok":true,"positions":[[1,"e"]]}')
+    assert out.startswith(reply) and split_answer(out) == (2**40 + 7, b'{"ok":true,"positions":[[1,"e"]]}')
+
+
+@pytest.mark.parametrize("bad", [b"\x01", b"\x01\x05ab", b"\x01\x03\x01a\x00" + b"\x00" * 3,
+                                 b"\x01\x03xa\x00" + b"\x00" * 8, b"\x01\x03\x01ab" + b"\x00" * 8])
+def test_a_malformed_confirmed_header_is_refused(bad: bytes) -> None:
+    from hub.envelope import split_confirmed
+
+    assert split_confirmed(bad) is None
