@@ -53,6 +53,11 @@ ANSWERED_TOPIC = bytes((ANSWERED,))
 REQUEST_BATCH = 256  # requests answered per pass, so reads never starve the forwarding loop
 MAX_REQUEST_LIMIT = 10_000  # events one history read may return
 TICK_SECONDS = 1.0  # metrics flush, status line, watchdog floor
+# How often the hub re-sends the position of every channel published to since the last time. A
+# worker whose last events of a channel were dropped at the high-water mark learns of it from
+# this within that time (otherwise only the channel's next event would show the jump); at most
+# one extra message per active channel per period.
+POSITION_CHECK_SECONDS = 5.0
 
 
 def _ipc_dir(endpoint: str) -> Path | None:
@@ -73,6 +78,7 @@ class Broker:
                                       config.history_fsync_seconds, log)
             self.store.journal = []
         self.subscribers: dict[bytes, int] = {}  # topic -> worker subscriptions the XPUB reported
+        self.published: set[bytes] = set()  # channels stamped since the last position check
         self.stopping = False
         self.max_body = config.max_message_bytes + MAX_CHANNEL_BYTES + 256  # event JSON around `data`
         self.drop_log = RateLimitedLog(log)
@@ -133,8 +139,9 @@ class Broker:
         # The watchdog ping rides on the poll loop: a hub stuck anywhere stops sending it.
         tick_every = min(TICK_SECONDS, self.notifier.watchdog_interval or TICK_SECONDS)
         next_tick = time.monotonic() + tick_every
+        next_check = time.monotonic() + POSITION_CHECK_SECONDS
         while not self.stopping:
-            timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+            timeout_ms = max(0, int((min(next_tick, next_check) - time.monotonic()) * 1000))
             ready = dict(poller.poll(timeout_ms))
             if self.egress in ready:
                 self.drain_subscriptions()
@@ -143,6 +150,9 @@ class Broker:
             if self.requests in ready:
                 self.drain_requests()
             now = time.monotonic()
+            if now >= next_check:
+                next_check = now + POSITION_CHECK_SECONDS
+                self.send_positions()
             if now >= next_tick:
                 next_tick = now + tick_every
                 self.notifier.watchdog()
@@ -164,6 +174,17 @@ class Broker:
         self.stopping = True
 
     # -- the forwarding path -------------------------------------------------------------------
+    def send_positions(self) -> None:
+        """Each channel published to since the last call, to the workers subscribed to it: where
+        it stands (the same message a new subscription gets)."""
+        published, self.published = self.published, set()
+        now = time.time()
+        streams, subscribers, send = self.store.streams, self.subscribers, self.egress.send
+        for topic in published:
+            stream = streams.get(topic)
+            if stream is not None and topic in subscribers:
+                send(egress_position(topic, stream.top, now, stream.epoch))
+
     def housekeeping(self) -> None:
         """Once a tick: expire history, flush and compact the journal, update the gauges."""
         now = time.time()
@@ -216,6 +237,7 @@ class Broker:
         held: list[bytes] | None = None if self.journal is None else []
         send = self.egress.send if held is None else held.append
         stamp = self.store.stamp
+        mark = self.published.add
         max_body = self.max_body
         now = time.time()
         forwarded = 0
@@ -238,6 +260,7 @@ class Broker:
                 continue
             for topic, body in records:
                 send(stamp(topic, body, now))
+                mark(topic)
             forwarded += len(records)
         if held:
             self._send_written(held, now)
@@ -263,6 +286,7 @@ class Broker:
         for topic, event in records:
             stamped = stamp(topic, event, now)
             send(stamped)
+            self.published.add(topic)
             # from the message, not the stream: two records of one channel get two offsets
             offset, _, epoch = STAMP.unpack_from(stamped, len(topic))
             positions.append((offset, epoch.decode()))
@@ -306,6 +330,7 @@ class Broker:
                 return [orjson.dumps({"ok": False, "error": f"bad {problem}"})]
             stamp = self.store.stamp
             messages = [stamp(topic, event, now) for topic, event in records]
+            self.published.update(topic for topic, _ in records)
             if self.journal is not None:
                 try:
                     self._write_journal(now)

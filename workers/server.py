@@ -643,10 +643,12 @@ class Worker:
             self._finish_recovery(channel, channel.recovery.give_up(), now)
 
     def _on_position(self, channel: Channel, top: int, epoch: bytes, now: float) -> None:
-        """The hub said where the channel stands (a worker subscribed to it, maybe this one)."""
+        """The hub said where the channel stands: a worker subscribed to it (maybe this one), or
+        the hub's periodic check of the channels published to lately."""
         if channel.confirmed:
-            # Another worker's subscription: a free check that this one lost nothing.
-            if epoch == channel.epoch and top > channel.last_offset and channel.recovery is None:
+            # A check that this worker lost nothing: a top above what it saw means the last events
+            # were dropped at the high-water mark (no later event showed the jump).
+            if epoch == channel.epoch and top > channel.last_offset:
                 self._gap(channel.name, channel.last_offset, top + 1)
                 self._heal(channel, channel.last_offset, top, now)
             return
@@ -705,12 +707,18 @@ class Worker:
             channel = by_topic.get(topic)
             if channel is None:
                 continue
-            if not payload:  # a position: the hub saw a subscription to this channel
-                self._on_position(channel, offset, epoch, self.loop.time())
-                continue
-            if (offset != channel.last_offset + 1 or epoch != channel.epoch) \
-                    and not self._out_of_step(channel, offset, epoch, self.loop.time()):
-                continue
+            if not payload or offset != channel.last_offset + 1 or epoch != channel.epoch:
+                # The rare path may move members out (healing, a restart): first they get what
+                # this batch already queued for them.
+                earlier = chunks.pop(channel, None)
+                if earlier:
+                    self.writer.fan_out(channel.members, b"".join(earlier))
+                    self.stats.deliveries += len(channel.members) * len(earlier)
+                if not payload:  # a position: the hub saw a subscription to this channel
+                    self._on_position(channel, offset, epoch, self.loop.time())
+                    continue
+                if not self._out_of_step(channel, offset, epoch, self.loop.time()):
+                    continue
             channel.last_offset = offset
             channel.epoch = epoch
             if channel.recovery is not None:  # waiters get it from here, merged with history

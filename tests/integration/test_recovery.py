@@ -410,3 +410,44 @@ def test_a_worker_behind_on_many_channels_heals_them_all() -> None:
         assert "missed" in svc.logs()  # the high-water mark did drop events: they came from history
         for c in clients:
             c.nothing(0.01)
+
+
+def test_a_gap_inside_a_batch_loses_nothing_queued_before_it() -> None:
+    """The events a worker reads in one pass before an offset jump still reach the members who
+    then wait for the jump to heal: events keep flowing while the stopped worker resumes, so a
+    pass holds both the queued events and the first one past the dropped range."""
+    with TidingsService(workers=1, env={"TIDINGS_HUB_HWM": "20", "TIDINGS_HISTORY": "conversation=2000/300s",
+                                        "TIDINGS_RECOVERY_MAX_EVENTS": "2000"}) as svc:
+        c, _ = client(svc, "in-batch")
+        subscribe(c, "conversation:in-batch")
+        worker = svc.children()["worker 0"]
+        total = 600
+        events: list[dict[str, Any]] = []
+        failures: list[BaseException] = []
+
+        def read() -> None:  # as they come: 600 events of 3 KB unread would make it a slow consumer
+            try:
+                for _ in range(total):
+                    events.append(c.recv())
+            except BaseException as exc:  # reported below, with what arrived
+                failures.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        with Publisher(f"ipc://{svc.runtime_dir}/ingress") as pub:
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                for n in range(300):  # overflows the high-water mark: the hub drops some
+                    pub.publish("conversation:in-batch", "chat_message", {"n": n, "pad": "x" * 3000})
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            for n in range(300, total):  # the worker reads its backlog while these arrive
+                pub.publish("conversation:in-batch", "chat_message", {"n": n, "pad": "x" * 3000})
+            deadline = time.monotonic() + 10
+            while pub.history("conversation:in-batch", limit=0).offset < total and time.monotonic() < deadline:
+                time.sleep(0.05)
+        reader.join(20)
+        assert not failures, (failures, [e.get("offset", e) for e in events][-5:], len(events))
+        assert [e["offset"] for e in events] == list(range(1, total + 1))
+        c.nothing(0.2)
+        assert "missed" in svc.logs()
