@@ -281,6 +281,13 @@ class Broker:
             self.stats.hub_events_dropped[problem] += 1
             send(answer_message(reply_topic, request_id, orjson.dumps({"ok": False, "error": f"bad {problem}"})))
             return 0
+        positions = self._stamp_confirmed(records, now, send)
+        send(answer_message(reply_topic, request_id, orjson.dumps({"ok": True, "positions": positions})))
+        return len(records)
+
+    def _stamp_confirmed(self, records: list[tuple[bytes, bytes]], now: float,
+                         send: Callable[[bytes], object]) -> list[tuple[int, str]]:
+        """Stamp and send records whose publisher waits for their positions; returns them."""
         stamp = self.store.stamp
         positions = []
         for topic, event in records:
@@ -290,15 +297,16 @@ class Broker:
             # from the message, not the stream: two records of one channel get two offsets
             offset, _, epoch = STAMP.unpack_from(stamped, len(topic))
             positions.append((offset, epoch.decode()))
-        send(answer_message(reply_topic, request_id, orjson.dumps({"ok": True, "positions": positions})))
         self.stats.confirmed_publishes += len(records)
-        return len(records)
+        return positions
 
     def _send_written(self, messages: list[bytes], now: float) -> None:
-        try:
-            self._write_journal(now)
-        except OSError:
-            pass  # logged by HistoryLog; the events still go out (live delivery beats the journal)
+        """Send messages once the journal (when there is one) has what they carry."""
+        if self.journal is not None:
+            try:
+                self._write_journal(now)
+            except OSError:
+                pass  # logged; the events still go out (live delivery beats the journal)
         send = self.egress.send
         for message in messages:
             send(message)
@@ -328,23 +336,10 @@ class Broker:
             if problem is not None:
                 self.stats.hub_events_dropped[problem] += 1
                 return [orjson.dumps({"ok": False, "error": f"bad {problem}"})]
-            stamp = self.store.stamp
-            messages = [stamp(topic, event, now) for topic, event in records]
-            self.published.update(topic for topic, _ in records)
-            if self.journal is not None:
-                try:
-                    self._write_journal(now)
-                except OSError:
-                    pass  # persistence is off from here (logged): the events go out as without it
-            send = self.egress.send
-            positions = []
-            for (topic, _), message in zip(records, messages, strict=True):
-                send(message)
-                # from the message, not the stream: two records of one channel get two offsets
-                offset, _, epoch = STAMP.unpack_from(message, len(topic))
-                positions.append((offset, epoch.decode()))
+            held: list[bytes] = []
+            positions = self._stamp_confirmed(records, now, held.append)
+            self._send_written(held, now)
             self.stats.hub_events_in += len(records)
-            self.stats.confirmed_publishes += len(records)
             return [orjson.dumps({"ok": True, "positions": positions})]
         if op == HISTORY_REQUEST:
             try:

@@ -479,10 +479,7 @@ class Worker:
             conn.send(subscribed_reply(waiter.request_id, channel.name, channel.last_offset, channel.epoch, recovered))
 
     def _wait(self, channel: Channel, waiter: Waiter, now: float) -> None:
-        recovery = channel.recovery
-        if recovery is None:
-            recovery = channel.recovery = ChannelRecovery()
-        recovery.waiters.append(waiter)
+        self._wait_quietly(channel, waiter)
         self._read(channel, now)
 
     def _read(self, channel: Channel, now: float) -> None:
