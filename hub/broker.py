@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from types import FrameType
 
 import orjson
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from hub.envelope import (
     ANSWERED,
@@ -39,7 +41,8 @@ from hub.envelope import (
 )
 from hub.history import HistoryStore, parse_history_spec
 from hub.persist import HistoryLog
-from tidings.config import Config
+from tidings.config import Config, ConfigError
+from tidings.links import KeyGate, keys_for, set_heartbeat, warn_if_insecure
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
 from tidings.sdnotify import Notifier
@@ -58,6 +61,10 @@ TICK_SECONDS = 1.0  # metrics flush, status line, watchdog floor
 # this within that time (otherwise only the channel's next event would show the jump); at most
 # one extra message per active channel per period.
 POSITION_CHECK_SECONDS = 5.0
+# What the hub watches on its XPUB: worker links coming and going, and handshakes it refused.
+LINK_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED
+               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 def _ipc_dir(endpoint: str) -> Path | None:
@@ -65,8 +72,16 @@ def _ipc_dir(endpoint: str) -> Path | None:
 
 
 class Broker:
-    def __init__(self, config: Config, log: logging.Logger, notifier: Notifier, stats: Stats) -> None:
+    def __init__(self, config: Config, shard: int, log: logging.Logger, notifier: Notifier, stats: Stats) -> None:
+        if not 0 <= shard < config.hubs:
+            raise ConfigError(f"hub shard {shard} does not exist: TIDINGS_HUBS is {config.hubs} "
+                              f"(shards 0 to {config.hubs - 1})")
         self.config = config
+        self.shard = shard
+        self.ingress_endpoint = config.ingress_endpoints[shard]
+        self.egress_endpoint = config.egress_endpoints[shard]
+        self.requests_endpoint = config.requests_endpoints[shard]
+        self.keys = keys_for(config)
         self.log = log
         self.notifier = notifier
         self.stats = stats
@@ -74,7 +89,7 @@ class Broker:
                                   config.history_meta_ttl)
         self.journal: HistoryLog | None = None
         if config.history_persist:
-            self.journal = HistoryLog(config.journal_path, config.history_persist_max_bytes,
+            self.journal = HistoryLog(config.journal_path(shard), config.history_persist_max_bytes,
                                       config.history_fsync_seconds, log)
             self.store.journal = []
         self.subscribers: dict[bytes, int] = {}  # topic -> worker subscriptions the XPUB reported
@@ -86,13 +101,25 @@ class Broker:
         self.ingress = self.ctx.socket(zmq.PULL)
         self.egress = self.ctx.socket(zmq.XPUB)
         self.requests = self.ctx.socket(zmq.ROUTER)
+        self.gate: KeyGate | None = None
+        self.reload_requested = False
+        # Worker links on the XPUB: fd -> peer address once accepted, and which finished the handshake.
+        self.monitor = self.egress.get_monitor_socket(LINK_EVENTS)
+        self.peers: dict[int, str] = {}
+        self.linked: set[int] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def bind(self) -> None:
-        for endpoint in (self.config.ingress_endpoint, self.config.egress_endpoint, self.config.requests_endpoint):
+        for endpoint in (self.ingress_endpoint, self.egress_endpoint, self.requests_endpoint):
             d = _ipc_dir(endpoint)
             if d is not None:
                 d.mkdir(parents=True, exist_ok=True)
+        for sock in (self.ingress, self.egress, self.requests):
+            set_heartbeat(sock, self.config.hub_heartbeat)
+            if self.keys is not None:
+                self.keys.make_server(sock)
+        if self.keys is not None:
+            self.gate = KeyGate(self.ctx, self.keys, self.log)
         self.ingress.setsockopt(zmq.RCVHWM, self.config.hub_hwm)
         self.ingress.setsockopt(zmq.LINGER, 0)
         self.egress.setsockopt(zmq.SNDHWM, self.config.hub_hwm)
@@ -104,38 +131,44 @@ class Broker:
         self.requests.setsockopt(zmq.RCVHWM, REQUEST_HWM)
         self.requests.setsockopt(zmq.SNDHWM, REPLY_HWM)
         self.requests.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a requester that left: drop its reply
-        self.ingress.bind(self.config.ingress_endpoint)
-        self.egress.bind(self.config.egress_endpoint)
-        self.requests.bind(self.config.requests_endpoint)
+        self.ingress.bind(self.ingress_endpoint)
+        self.egress.bind(self.egress_endpoint)
+        self.requests.bind(self.requests_endpoint)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the hub holds no keys: nothing to reload
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
+        warn_if_insecure(self.config, self.log)
         try:
             self.bind()
         except zmq.ZMQError as exc:
-            self.log.error("cannot bind %s / %s: %s", self.config.ingress_endpoint,
-                           self.config.egress_endpoint, exc)
+            self.log.error("hub %d cannot bind %s / %s / %s: %s", self.shard, self.ingress_endpoint,
+                           self.egress_endpoint, self.requests_endpoint, exc)
+            self._close()
             return 1
         if self.journal is not None:
             try:
                 report = self.journal.load(self.store, time.time())
             except OSError as exc:
-                self.log.error("cannot open the history journal %s: %s", self.config.journal_path, exc)
+                self.log.error("cannot open the history journal %s: %s", self.journal.path, exc)
+                self._close()
                 return 1
-            self.log.info("history journal %s: %d channels, %d events restored", self.config.journal_path,
+            self.log.info("history journal %s: %d channels, %d events restored", self.journal.path,
                           report.streams, report.events)
         exporter = StatsExporter(self.stats)
         epoch = self.store.epoch_prefix.decode()
-        self.log.info("hub serving: ingress %s, egress %s, requests %s, epochs %s*, history %s%s",
-                      self.config.ingress_endpoint, self.config.egress_endpoint, self.config.requests_endpoint,
-                      epoch, self.config.history or "off", ", persisted" if self.journal else "")
+        self.log.info("hub %d of %d serving: ingress %s, egress %s, requests %s, epochs %s*, history %s%s, %s",
+                      self.shard, self.config.hubs, self.ingress_endpoint, self.egress_endpoint,
+                      self.requests_endpoint, epoch, self.config.history or "off",
+                      ", persisted" if self.journal else "",
+                      f"CURVE ({self.gate.reload()} authorized keys)" if self.gate else "no CURVE")
         self.notifier.ready(f"epochs {epoch}*")
         poller = zmq.Poller()
         poller.register(self.ingress, zmq.POLLIN)
         poller.register(self.egress, zmq.POLLIN)
         poller.register(self.requests, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         # The watchdog ping rides on the poll loop: a hub stuck anywhere stops sending it.
         tick_every = min(TICK_SECONDS, self.notifier.watchdog_interval or TICK_SECONDS)
         next_tick = time.monotonic() + tick_every
@@ -149,6 +182,12 @@ class Broker:
                 self.drain_ingress()
             if self.requests in ready:
                 self.drain_requests()
+            if self.monitor in ready:
+                self.drain_link_events()
+            if self.reload_requested:
+                self.reload_requested = False
+                if self.gate is not None:
+                    self.log.info("hub %d reloaded the authorized keys: %d admitted", self.shard, self.gate.reload())
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + POSITION_CHECK_SECONDS
@@ -163,15 +202,56 @@ class Broker:
             self.journal.close()
         exporter.flush()
         mark_process_dead(os.getpid())
-        self.log.info("hub stopped: %d events forwarded since it started", self.stats.hub_events_in)
+        self.log.info("hub %d stopped: %d events forwarded since it started", self.shard, self.stats.hub_events_in)
+        self._close()
+        return 0
+
+    def _close(self) -> None:
+        self.egress.disable_monitor()
+        self.monitor.close(0)
+        if self.gate is not None:
+            self.gate.stop()
         self.ingress.close(0)
         self.egress.close(0)
         self.requests.close(0)
         self.ctx.term()
-        return 0
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
+
+    def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.reload_requested = True  # acted on in the loop, not inside a signal handler
+
+    def drain_link_events(self) -> None:
+        """Worker links on the XPUB: logged and counted, so an operator sees a host come and go
+        (a heartbeat timeout shows up here within ~3 heartbeats of the host going silent)."""
+        while True:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            kind, fd = event["event"], event["value"]
+            if kind == zmq.EVENT_ACCEPTED:
+                self.peers[fd] = _peer_of(fd)
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.linked.add(fd)
+                self.stats.hub_links["up"] += 1
+                self.log.info("hub %d: worker link from %s up", self.shard, self.peers.get(fd, "?"))
+            elif kind == zmq.EVENT_DISCONNECTED:
+                peer = self.peers.pop(fd, "?")
+                if fd in self.linked:
+                    self.linked.discard(fd)
+                    self.stats.hub_links["lost"] += 1
+                    self.log.warning("hub %d: worker link from %s lost (closed, or silent for %.0fs of "
+                                     "heartbeats); its subscriptions are dropped until it reconnects",
+                                     self.shard, peer, self.config.hub_heartbeat * 3)
+            else:  # a handshake failed: wrong mechanism (plain tcp:// peer), bad or unknown key
+                self.peers.pop(fd, None)
+                self.stats.hub_links["refused"] += 1
+                self.drop_log.warning(time.monotonic(), "hub %d refused a link on %s: %s", self.shard,
+                                      event["endpoint"].decode(errors="replace"), _HANDSHAKE_FAILURES.get(
+                                          kind, "handshake failed"))
+            self.stats.hub_peers = len(self.linked)
 
     # -- the forwarding path -------------------------------------------------------------------
     def send_positions(self) -> None:
@@ -382,6 +462,22 @@ class Broker:
                     self.subscribers.pop(topic, None)
                 self.stats.hub_subscribes["unsubscribe"] += 1
             self.stats.hub_channels = len(self.subscribers)
+
+
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "CURVE key not authorized",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "not a CURVE peer (plain tcp://, or the wrong hub key)",
+}
+
+
+def _peer_of(fd: int) -> str:
+    """host:port of the peer on an accepted descriptor ZeroMQ reported (ours to read, not close)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            peer = sock.getpeername()
+    except OSError:
+        return "?"
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "local")
 
 
 def _history_query(query: object) -> tuple[bytes, tuple[int, bytes] | None, int]:

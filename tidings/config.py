@@ -17,6 +17,8 @@ from typing import Any
 from hub.history import HistorySpecError, parse_history_spec
 
 ENV_PREFIX = "TIDINGS_"
+ROLES = ("all", "hubs", "workers")  # what `tidings run` starts on a host
+MAX_HUBS = 64  # shards are processes with a core each: past a box's cores they only compete
 MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash output
 DEV_SECRET_FILE = "jwt-secret"  # created by `tidings run` when no key is configured
 DEV_API_KEY_FILE = "api-key"
@@ -66,11 +68,24 @@ class Config:
 
     # -- processes and endpoints -----------------------------------------------------------
     runtime_dir: str = _setting(_default_runtime_dir, "ipc:// endpoints, dev secrets and metrics live here")
-    hub_ingress: str = _setting("", "hub PULL endpoint publishers push to (default ipc://RUNTIME_DIR/ingress)")
-    hub_egress: str = _setting("", "hub XPUB endpoint workers subscribe to (default ipc://RUNTIME_DIR/egress)")
+    role: str = _setting("all", "what `tidings run` starts on this host: all (hubs and workers), hubs, or workers "
+                                "(which connect to the hub endpoints below)")
+    hubs: int = _setting(1, "hub shards; each owns the channels whose CRC-32(name) % HUBS is its number. One hub "
+                            "forwards ~250k events per core-second: add shards when one core is the limit")
+    hub_ingress: str = _setting("", "hub PULL endpoints publishers push to, one per shard, comma-separated "
+                                    "(default ipc://RUNTIME_DIR/ingress; hub-N/ingress with several shards)")
+    hub_egress: str = _setting("", "hub XPUB endpoints workers subscribe to, one per shard (default "
+                                   "ipc://RUNTIME_DIR/egress)")
     hub_hwm: int = _setting(100_000, "ZeroMQ messages queued per peer before the hub drops (~20 MB at 200 B)")
-    hub_requests: str = _setting("", "hub ROUTER endpoint for history reads and confirmed publishes "
-                                     "(default ipc://RUNTIME_DIR/requests)")
+    hub_requests: str = _setting("", "hub ROUTER endpoints for history reads and confirmed publishes, one per "
+                                     "shard (default ipc://RUNTIME_DIR/requests)")
+    hub_keys: str = _setting("", "directory of CURVE keys for hub links (`tidings keys generate`): hub.key, "
+                                 "hub.key_secret on hub hosts, host.key_secret where workers or publishers run, "
+                                 "authorized/ with the public keys a hub admits; empty = no encryption")
+    hub_insecure: bool = _setting(False, "allow tcp:// hub endpoints without CURVE keys: anyone who reaches the "
+                                         "port reads and injects events (a private test network only)")
+    hub_heartbeat: float = _setting(1.0, "seconds between ZeroMQ heartbeats on hub links; a link silent 3x as "
+                                         "long is dropped and logged (a lost host is noticed in ~4 s)")
     metrics_dir: str = _setting("", "prometheus multiprocess directory (default RUNTIME_DIR/metrics)")
 
     # -- history and recovery ----------------------------------------------------------------
@@ -130,20 +145,28 @@ class Config:
 
     # -- derived -----------------------------------------------------------------------------
     @property
-    def ingress_endpoint(self) -> str:
-        return self.hub_ingress or f"ipc://{Path(self.runtime_dir) / 'ingress'}"
+    def ingress_endpoints(self) -> tuple[str, ...]:
+        return self._endpoints(self.hub_ingress, "ingress")
 
     @property
-    def egress_endpoint(self) -> str:
-        return self.hub_egress or f"ipc://{Path(self.runtime_dir) / 'egress'}"
+    def egress_endpoints(self) -> tuple[str, ...]:
+        return self._endpoints(self.hub_egress, "egress")
 
     @property
-    def requests_endpoint(self) -> str:
-        return self.hub_requests or f"ipc://{Path(self.runtime_dir) / 'requests'}"
+    def requests_endpoints(self) -> tuple[str, ...]:
+        return self._endpoints(self.hub_requests, "requests")
 
-    @property
-    def journal_path(self) -> Path:
-        return Path(self.state_dir or Path(self.runtime_dir) / "state") / "history.journal"
+    def _endpoints(self, listed: str, name: str) -> tuple[str, ...]:
+        if listed:
+            return tuple(e for e in listed.replace(",", " ").split() if e)
+        base = Path(self.runtime_dir)
+        if self.hubs == 1:
+            return (f"ipc://{base / name}",)
+        return tuple(f"ipc://{base / f'hub-{shard}' / name}" for shard in range(self.hubs))
+
+    def journal_path(self, shard: int) -> Path:
+        state = Path(self.state_dir or Path(self.runtime_dir) / "state")
+        return state / ("history.journal" if self.hubs == 1 else f"history-{shard}.journal")
 
     @property
     def metrics_path(self) -> Path:
@@ -181,6 +204,20 @@ class Config:
             raise ConfigError("TIDINGS_LOG_FORMAT must be text or json")
         if self.workers < 1:
             raise ConfigError("TIDINGS_WORKERS must be at least 1")
+        if self.role not in ROLES:
+            raise ConfigError(f"TIDINGS_ROLE must be one of {', '.join(ROLES)}, not {self.role!r}")
+        if not 1 <= self.hubs <= MAX_HUBS:
+            raise ConfigError(f"TIDINGS_HUBS must be 1 to {MAX_HUBS}")
+        for name in ("hub_ingress", "hub_egress", "hub_requests"):
+            listed = self._endpoints(getattr(self, name), "")
+            if getattr(self, name) and len(listed) != self.hubs:
+                raise ConfigError(f"{env_name(name)} lists {len(listed)} endpoint(s) but TIDINGS_HUBS is "
+                                  f"{self.hubs}: one endpoint per shard, in shard order")
+            for endpoint in listed:
+                if not endpoint.startswith(("ipc://", "tcp://", "inproc://")):
+                    raise ConfigError(f"{env_name(name)}: {endpoint!r} is not an ipc://, tcp:// or inproc:// endpoint")
+        if self.hub_heartbeat <= 0:
+            raise ConfigError(f"{env_name('hub_heartbeat')} must be above 0")
         if self.send_buffer_bytes < 0:
             raise ConfigError(f"{env_name('send_buffer_bytes')} must be 0 (kernel autotuning) or more")
         for name in ("max_message_bytes", "max_subscriptions", "max_pending_bytes", "rate_burst",
@@ -204,6 +241,17 @@ class Config:
                      "handshake_timeout", "subscribe_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)} must be above 0")
+
+    @property
+    def uses_tcp(self) -> bool:
+        return any(e.startswith("tcp://") for e in
+                   (*self.ingress_endpoints, *self.egress_endpoints, *self.requests_endpoints))
+
+    def check_hub_links(self) -> None:
+        """Every process that binds or connects hub sockets: no clear-text tcp:// by accident."""
+        if self.uses_tcp and not self.hub_keys and not self.hub_insecure:
+            raise ConfigError("tcp:// hub endpoints need CURVE keys: set TIDINGS_HUB_KEYS to a directory made by "
+                              "`tidings keys generate`, or TIDINGS_HUB_INSECURE=1 on a private test network")
 
     def check_keys(self, *, need_api_key: bool) -> None:
         """What a serving process needs: refuse to start rather than accept any token."""

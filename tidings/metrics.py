@@ -41,6 +41,10 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "heals": ("tidings_gap_heals_total", "worker offset gaps, by how they ended (healed from history or signalled)",
               ("result",)),
     "confirmed_publishes": ("tidings_confirmed_publishes_total", "publishes the hub stamped and answered", ()),
+    "hub_links": ("tidings_hub_link_events_total", "worker links at the hubs: up, lost (closed or heartbeat "
+                  "timeout), refused (handshake: unknown key, not CURVE)", ("event",)),
+    "worker_hub_links": ("tidings_worker_hub_link_events_total", "a worker's links to each hub shard going up "
+                         "or lost", ("shard", "event")),
 }
 # stats attribute -> (metric name, help). Gauges are summed over live processes.
 GAUGES: dict[str, tuple[str, str]] = {
@@ -52,6 +56,9 @@ GAUGES: dict[str, tuple[str, str]] = {
     "hub_ingress_queue": ("tidings_hub_ingress_queued", "messages read in the hub's last drain pass"),
     "history_bytes": ("tidings_history_bytes", "bytes of kept events at the hub (against TIDINGS_HISTORY_MAX_BYTES)"),
     "history_channels": ("tidings_history_channels", "channels with a position (top offset, epoch) at the hub"),
+    "hub_peers": ("tidings_hub_worker_links", "worker links up at the hubs, summed over shards"),
+    "hubs_down": ("tidings_worker_hubs_down", "hub shards workers have no link to, summed over workers: above 0, "
+                  "those shards' channels cannot be published or newly subscribed"),
     "process_resident_bytes": ("tidings_process_resident_bytes", "resident memory, summed over processes"),
     "process_cpu_seconds": ("tidings_process_cpu_seconds", "CPU time used, summed over live processes"),
 }
@@ -97,6 +104,10 @@ class Stats:
         self.recoveries: Counter[str] = Counter()
         self.heals: Counter[str] = Counter()
         self.confirmed_publishes = 0
+        self.hub_links: Counter[str] = Counter()
+        self.worker_hub_links: Counter[tuple[str, str]] = Counter()
+        self.hub_peers = 0
+        self.hubs_down = 0
         self.history_bytes = 0
         self.history_channels = 0
         self.connections = 0

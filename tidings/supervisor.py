@@ -1,4 +1,5 @@
-"""`tidings run`: one hub and N workers as child processes, for a laptop or a small box.
+"""`tidings run`: the hub shards and N workers as child processes, for a laptop or one box of a
+multi-host setup (TIDINGS_ROLE=hubs or workers starts one side only).
 
 The supervisor only moves signals and restarts children. Children report READY/STOPPING over
 sd_notify to the supervisor's own datagram socket (the same messages systemd receives in
@@ -55,14 +56,16 @@ class Supervisor:
         self.stopping = False
         self.reload_requested = False
         base = [sys.executable, "-m", "tidings"]
-        self.children = [Child("hub", [*base, "hub"])] + [
-            Child(f"worker {i}", [*base, "worker", "--index", str(i)]) for i in range(config.workers)
-        ]
+        self.hubs = [Child("hub" if config.hubs == 1 else f"hub {i}", [*base, "hub", "--shard", str(i)])
+                     for i in range(config.hubs)] if config.role in ("all", "hubs") else []
+        self.workers = [Child(f"worker {i}", [*base, "worker", "--index", str(i)])
+                        for i in range(config.workers)] if config.role in ("all", "workers") else []
+        self.children = self.hubs + self.workers
         self.announced = False
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def run(self) -> int:
-        busy = self._ports_in_use()
+        busy = self._ports_in_use() if self.workers else ""
         if busy:
             self.log.error("%s already in use by another process: stop it or choose another port "
                            "(workers share ports through SO_REUSEPORT, so a second instance would "
@@ -80,10 +83,17 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
-        self.log.info("starting 1 hub and %d workers (runtime dir %s)", self.config.workers, self.runtime)
-        self._spawn(self.children[0])
-        self._wait_ready(self.children[0], 10.0)  # workers connect faster to a hub that is there
-        for child in self.children[1:]:
+        from tidings.cli import topology
+
+        for line in topology(self.config):
+            self.log.info("%s", line.strip())
+        self.log.info("starting %d hub shard(s) and %d worker(s) (runtime dir %s)", len(self.hubs),
+                      len(self.workers), self.runtime)
+        for hub in self.hubs:
+            self._spawn(hub)
+        for hub in self.hubs:
+            self._wait_ready(hub, 10.0)  # workers connect faster to hubs that are there
+        for child in self.workers:
             self._spawn(child)
         while not self.stopping:
             self._read_notifications(0.2)
@@ -158,8 +168,15 @@ class Supervisor:
 
     def _announce(self) -> None:
         c = self.config
+        if not self.workers:
+            print(f"tidings hubs are ready: {len(self.hubs)} shard(s), ingress "
+                  f"{', '.join(c.ingress_endpoints)}; workers elsewhere connect to egress "
+                  f"{', '.join(c.egress_endpoints)}", flush=True)
+            return
+        hubs = "hub at" if c.hubs == 1 else f"{c.hubs} hub shards at"
         lines = [
-            f"tidings is ready: {c.workers} workers on ws://{c.host}:{c.port}/ws, hub at {c.ingress_endpoint}",
+            f"tidings is ready: {c.workers} workers on ws://{c.host}:{c.port}/ws, "
+            f"{hubs} {', '.join(c.ingress_endpoints)}",
             f"  HTTP publish API: http://{c.api_host}:{c.api_port}/api/publish" if c.api_port else
             "  HTTP publish API: off (TIDINGS_API_PORT=0)",
             "  mint a token:     TOKEN=$(tidings token --sub u1 --channels 'conversation:*')",
@@ -197,17 +214,17 @@ class Supervisor:
                 child.proc.send_signal(sig)
 
     def _stop_all(self) -> None:
-        """Workers first (they drain their clients), then the hub; SIGKILL whoever is late."""
-        workers = [c for c in self.children[1:] if c.proc is not None]
+        """Workers first (they drain their clients), then the hubs; SIGKILL whoever is late."""
+        workers = [c for c in self.workers if c.proc is not None]
         self.log.info("stopping: draining %d workers over %.1fs", len(workers), self.config.drain_window)
         for child in workers:
             if child.proc is not None and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
         self._wait_exit(workers, self.config.drain_window + 5.0)
-        hub = self.children[0]
-        if hub.proc is not None and hub.proc.poll() is None:
-            hub.proc.send_signal(signal.SIGTERM)
-        self._wait_exit([hub], HUB_STOP_TIMEOUT)
+        for hub in self.hubs:
+            if hub.proc is not None and hub.proc.poll() is None:
+                hub.proc.send_signal(signal.SIGTERM)
+        self._wait_exit(self.hubs, HUB_STOP_TIMEOUT)
         self.log.info("stopped")
 
     def _wait_exit(self, children: list[Child], timeout: float) -> None:

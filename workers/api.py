@@ -14,6 +14,10 @@ GET  /healthz       200 {"ok": true, "ready": ...} while this worker serves
 Errors: 400 invalid_request, 401 unauthorized, 503 hub_unavailable (the hub did not take or answer:
 the event was not published, or for a confirmed publish that timed out, may have been).
 
+With several hub shards a broadcast goes to each channel's shard: each shard takes its part whole
+or not at all, and a 503 lists the channels that did get published (`positions`) beside the ones
+that did not (`failed`), so a retry can skip the former.
+
 It lives in the workers so the hub stays a lean forwarding loop and the API scales with the
 worker count; events go to the hub through the worker's PUSH socket, the same way a client
 publish does.
@@ -36,9 +40,11 @@ from hub.envelope import (
     ingress_record,
     split_egress,
 )
+from hub.shards import split_by_shard
 from tidings.metrics import render_metrics
 
 if TYPE_CHECKING:
+    from workers.bus import HubBus
     from workers.server import Worker
 
 MAX_BODY_BYTES = 1 << 20  # a broadcast to many channels with a 64 KiB payload still fits
@@ -117,37 +123,56 @@ class PublishAPI:
         confirm = body.get("confirm", True)
         if not isinstance(confirm, bool):
             return _json(400, {"ok": False, "error": "invalid_request", "message": "confirm must be true or false"})
-        if not self.worker.hub_up:
-            return _json(503, {"ok": False, "error": "hub_unavailable", "message": "hub is not connected"})
-        # one message: the hub takes every channel of a broadcast or none of them
-        message = b"".join(ingress_record(t, b) for t, b in encoded)
-        sent = len(encoded)
-        if not confirm:
-            if not self.worker.bus.push_message(message):
-                self.worker.stats.publishes_failed += sent
-                return _json(503, {"ok": False, "error": "hub_unavailable", "published": 0,
-                                   "message": "hub did not take the event"})
-            return _json(200, {"ok": True, "channels": sent, "confirmed": False})
-        asked, frames = await self._ask(message)
-        header = orjson.loads(frames[0]) if frames else {}
-        positions = header.get("positions")
-        if not header.get("ok") or not isinstance(positions, list) or len(positions) != sent:
-            self.worker.stats.publishes_failed += sent
-            if asked and frames is None:  # sent, unanswered: say so, claim nothing
-                return _json(503, {"ok": False, "error": "hub_unavailable", "message":
-                                   "hub did not answer in time: the event may or may not have been published"})
-            return _json(503, {"ok": False, "error": "hub_unavailable", "published": 0,
-                               "message": "hub did not take the event"})
         names = list(dict.fromkeys(channels))
-        stamped = [{"channel": ch, "offset": offset, "epoch": epoch}
-                   for ch, (offset, epoch) in zip(names, positions, strict=True)]
+        hubs = self.worker.hubs
+        groups = split_by_shard(zip((t for t, _ in encoded), zip(names, encoded, strict=True), strict=True),
+                                hubs.count)
+        if not confirm:
+            taken = 0
+            for shard, group in groups.items():
+                # one message per shard: the shard takes all of its channels of a broadcast or none
+                if hubs.buses[shard].connected and hubs.buses[shard].push_message(
+                        b"".join(ingress_record(t, b) for _, (_, (t, b)) in group)):
+                    taken += len(group)
+            if taken < len(encoded):
+                self.worker.stats.publishes_failed += len(encoded) - taken
+                return _json(503, {"ok": False, "error": "hub_unavailable", "published": taken,
+                                   "message": "hub did not take the event" if len(encoded) == 1 else
+                                   f"hub shards took {taken} of {len(encoded)} channels"})
+            return _json(200, {"ok": True, "channels": len(encoded), "confirmed": False})
+        shards = list(groups)
+        answers = await asyncio.gather(*(self._ask(
+            hubs.buses[shard], b"".join(ingress_record(t, b) for _, (_, (t, b)) in groups[shard]))
+            for shard in shards))
+        stamped: dict[str, dict[str, Any]] = {}
+        unanswered = False
+        for shard, (asked, frames) in zip(shards, answers, strict=True):
+            header = orjson.loads(frames[0]) if frames else {}
+            positions = header.get("positions")
+            group = groups[shard]
+            if header.get("ok") and isinstance(positions, list) and len(positions) == len(group):
+                for (_, (name, _)), (offset, epoch) in zip(group, positions, strict=True):
+                    stamped[name] = {"channel": name, "offset": offset, "epoch": epoch}
+            elif asked and frames is None:
+                unanswered = True  # sent, unanswered: claim nothing about it
+        if len(stamped) < len(names):
+            failed = [n for n in names if n not in stamped]
+            self.worker.stats.publishes_failed += len(failed)
+            body: dict[str, Any] = {"ok": False, "error": "hub_unavailable", "published": len(stamped),
+                                    "message": "hub did not answer in time: the event may or may not have been "
+                                    "published" if unanswered else "hub did not take the event"}
+            if broadcast:
+                body["positions"] = [stamped[n] for n in names if n in stamped]
+                body["failed"] = failed
+            return _json(503, body)
         if broadcast:
-            return _json(200, {"ok": True, "channels": sent, "positions": stamped})
-        return _json(200, {"ok": True, "channels": 1, **stamped[0]})
+            return _json(200, {"ok": True, "channels": len(names), "positions": [stamped[n] for n in names]})
+        return _json(200, {"ok": True, "channels": 1, **stamped[names[0]]})
 
-    async def _ask(self, records: bytes | None, history: bytes = b"") -> tuple[bool, list[bytes] | None]:
-        """Confirmed ingress `records`, or a `history` read: (sent, the hub's answer frames, or
-        None when it could not go or timed out)."""
+    async def _ask(self, bus: HubBus, records: bytes | None, history: bytes = b"",
+                   channel: str = "") -> tuple[bool, list[bytes] | None]:
+        """Confirmed ingress `records` for `bus`'s shard, or a `history` read of `channel`: (sent,
+        the hub's answer frames, or None when it could not go or timed out)."""
         future: asyncio.Future[list[bytes] | None] = asyncio.get_running_loop().create_future()
 
         def answer(frames: list[bytes] | None) -> None:
@@ -155,9 +180,9 @@ class PublishAPI:
                 future.set_result(frames)
 
         if records is not None:
-            sent = self.worker.publish_confirmed(records, answer)
+            sent = self.worker.publish_confirmed(bus, records, answer)
         else:
-            sent = self.worker.request(HISTORY_REQUEST, history, answer) is not None
+            sent = self.worker.request(channel, HISTORY_REQUEST, history, answer) is not None
         if not sent:
             return False, None
         return True, await future
@@ -182,7 +207,8 @@ class PublishAPI:
                     raise ValueError("since must be an offset >= 0")
         except (EnvelopeError, ValueError) as exc:
             return _json(400, {"ok": False, "error": "invalid_request", "message": str(exc)})
-        _, frames = await self._ask(None, orjson.dumps({"channel": channel, "since": since, "limit": limit}))
+        _, frames = await self._ask(self.worker.hubs.for_channel(channel), None,
+                                    orjson.dumps({"channel": channel, "since": since, "limit": limit}), channel)
         header = orjson.loads(frames[0]) if frames else {}
         if not header.get("ok"):
             return _json(503, {"ok": False, "error": "hub_unavailable",
@@ -199,5 +225,6 @@ class PublishAPI:
     async def healthz(self, request: web.Request) -> web.Response:
         ready = self.worker.ready and not self.worker.stopping
         return _json(200 if ready else 503, {"ok": ready, "ready": ready, "worker": self.worker.index,
-                                             "hub": self.worker.hub_up})
+                                             "hub": self.worker.hub_up,
+                                             "hubs_down": self.worker.hubs.down})
 

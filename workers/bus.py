@@ -1,5 +1,10 @@
-"""A worker's ZeroMQ side: SUB from the hub's XPUB, PUSH to the hub's ingress, DEALER to the
-hub's ROUTER for history reads. Only moves bytes.
+"""A worker's ZeroMQ side: for each hub shard, SUB from its XPUB, PUSH to its ingress, DEALER
+to its ROUTER for history reads. Only moves bytes.
+
+`HubShards` holds one `HubBus` per shard and routes by channel (hub/shards.py): a channel is
+subscribed, published and read at its owner only. All buses share one ZeroMQ context (one I/O
+thread). Every socket heartbeats its hub (tidings/links.py) and, with TIDINGS_HUB_KEYS, speaks
+CURVE as this host.
 
 The SUB socket is read with `loop.add_reader` on its edge-triggered ZMQ_FD: each wake-up drains
 up to DRAIN_BATCH messages without blocking, then re-checks ZMQ_EVENTS (reading it can consume
@@ -11,11 +16,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from hub.envelope import REPLY_HWM, REQUEST_HWM
+from hub.shards import shard_of, shard_of_topic
+from tidings.config import Config
+from tidings.links import CurveKeys, set_heartbeat
 
 NOBLOCK = int(zmq.NOBLOCK)
 EVENTS = int(zmq.EVENTS)  # plain ints: the enum members cost a lookup per use
@@ -27,17 +36,20 @@ PUSH_HWM = 10_000  # publishes queued towards the hub before `publish` replies i
 RECONNECT_MAX_MS = 1000  # cap on ZeroMQ's reconnect backoff: the hub is back within a second
 
 class HubBus:
-    def __init__(self, ingress: str, egress: str, requests: str, hwm: int,
+    """The sockets to one hub shard."""
+
+    def __init__(self, ctx: zmq.Context[Any], shard: int, ingress: str, egress: str, requests: str, hwm: int,
                  on_messages: Callable[[list[bytes]], None],
-                 on_hub_state: Callable[[bool], None],
+                 on_hub_state: Callable[[int, bool], None],
                  on_reply: Callable[[list[bytes]], None]) -> None:
+        self.shard = shard
         self.ingress = ingress
         self.egress = egress
         self.requests = requests
         self.on_messages = on_messages
         self.on_hub_state = on_hub_state
         self.on_reply = on_reply
-        self.ctx = zmq.Context()
+        self.ctx = ctx
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, hwm)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -59,6 +71,13 @@ class HubBus:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._drain_scheduled = False
         self._replies_scheduled = False
+
+    def secure(self, keys: CurveKeys | None, heartbeat: float) -> None:
+        """Before start: heartbeats on every socket, CURVE as this host when there are keys."""
+        for sock in (self.sub, self.push, self.dealer):
+            set_heartbeat(sock, heartbeat)
+            if keys is not None:
+                keys.make_client(sock)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -83,7 +102,6 @@ class HubBus:
         self.monitor.close(0)
         self.sub.close(0)
         self.push.close()
-        self.ctx.term()
 
     # -- hub -> worker -------------------------------------------------------------------------------
     def subscribe(self, topic: bytes) -> None:
@@ -141,7 +159,7 @@ class HubBus:
             up = event["event"] == zmq.EVENT_CONNECTED
             if up != self.connected:
                 self.connected = up
-                self.on_hub_state(up)
+                self.on_hub_state(self.shard, up)
         # Same edge rule as the SUB socket.
         if self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             assert self.loop is not None
@@ -179,3 +197,51 @@ class HubBus:
             return True
         except zmq.Again:
             return False
+
+
+class HubShards:
+    """One HubBus per hub shard; each channel goes to the shard that owns it."""
+
+    def __init__(self, config: Config, keys: CurveKeys | None,
+                 on_messages: Callable[[list[bytes]], None],
+                 on_hub_state: Callable[[int, bool], None],
+                 on_reply: Callable[[list[bytes]], None]) -> None:
+        self.count = config.hubs
+        self.ctx = zmq.Context()
+        self.buses = [
+            HubBus(self.ctx, shard, ingress, egress, requests, config.hub_hwm, on_messages, on_hub_state, on_reply)
+            for shard, (ingress, egress, requests) in enumerate(zip(
+                config.ingress_endpoints, config.egress_endpoints, config.requests_endpoints, strict=True))
+        ]
+        for bus in self.buses:
+            bus.secure(keys, config.hub_heartbeat)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        for bus in self.buses:
+            bus.start(loop)
+
+    def close(self) -> None:
+        for bus in self.buses:
+            bus.close()
+        self.ctx.term()
+
+    def for_topic(self, topic: bytes) -> HubBus:
+        return self.buses[shard_of_topic(topic, self.count)]
+
+    def for_channel(self, channel: str) -> HubBus:
+        return self.buses[shard_of(channel.encode(), self.count)]
+
+    def subscribe(self, topic: bytes) -> None:
+        self.buses[shard_of_topic(topic, self.count)].subscribe(topic)
+
+    def unsubscribe(self, topic: bytes) -> None:
+        self.buses[shard_of_topic(topic, self.count)].unsubscribe(topic)
+
+    def subscribe_everywhere(self, topic: bytes) -> None:
+        """A topic every shard may send on (the worker's reply topic)."""
+        for bus in self.buses:
+            bus.subscribe(topic)
+
+    @property
+    def down(self) -> int:
+        return sum(1 for bus in self.buses if not bus.connected)

@@ -143,13 +143,15 @@ class ChannelRegistry:
                 self._unsubscribe(channel.topic)
         return expired
 
-    def hub_lost(self) -> None:
-        """The hub connection dropped. ZeroMQ re-sends every subscription when it is back and the
-        hub sends each channel's position again; until then new joins wait. The last position
-        is kept: the new one says whether members missed events (healed from history) or the
-        channel restarted with a new epoch (members are told to resubscribe)."""
+    def hub_lost(self, owned: Callable[[bytes], bool]) -> None:
+        """The link to a hub shard dropped; `owned(topic)` says which channels are its. ZeroMQ
+        re-sends every subscription when it is back and the hub sends each channel's position
+        again; until then new joins wait. The last position is kept: the new one says whether
+        members missed events (healed from history) or the channel restarted with a new epoch
+        (members are told to resubscribe)."""
         for channel in self.by_name.values():
-            channel.confirmed = False
+            if owned(channel.topic):
+                channel.confirmed = False
 
     def members(self, topic: bytes) -> Channel | None:
         return self.by_topic.get(topic)

@@ -275,7 +275,7 @@ class ClientConnection(FramedConnection):
             return self.send(error_reply(RequestError(
                 ReplyCode.INVALID_REQUEST, "binary frames are not part of the protocol; send JSON text")))
         session = self.session
-        outputs = session.handle(payload, self.last_seen, self.worker.hub_up)
+        outputs = session.handle(payload, self.last_seen, self.worker.hub_up_for)
         result = self.carry_out(outputs, session.last_result)
         if result == "rate_limited":
             stats.rate_limited += 1

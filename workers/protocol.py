@@ -318,7 +318,8 @@ class Session:
         """The glue could not complete a join: the channel is not held."""
         self.channels = tuple(c for c in self.channels if c != channel)
 
-    def handle(self, payload: bytes, now: float, hub_up: bool) -> list[Output]:
+    def handle(self, payload: bytes, now: float, hub_up: Callable[[str], bool]) -> list[Output]:
+        """One client message -> what to do. `hub_up(channel)`: is the hub shard owning it linked?"""
         self.last_type = "unknown"
         self.last_result = "error"
         wait = self.commands.take(now)
@@ -378,7 +379,7 @@ class Session:
 
     # -- commands ---------------------------------------------------------------------------------
     def _subscribe(self, channel: str, since: tuple[int, bytes] | None, id_: str | None,
-                   hub_up: bool) -> list[Output]:
+                   hub_up: Callable[[str], bool]) -> list[Output]:
         if channel in self.channels:
             # Idempotent: already receiving it live, so nothing to resume; report the position.
             return [Join(channel, id_, None, held=True)]
@@ -387,7 +388,7 @@ class Session:
         if len(self.channels) >= self.limits.max_subscriptions:
             raise RequestError(ReplyCode.SUBSCRIPTION_FAILED,
                                f"subscription limit of {self.limits.max_subscriptions} reached")
-        if not hub_up:
+        if not hub_up(channel):
             raise RequestError(ReplyCode.SUBSCRIPTION_FAILED, "hub unavailable, try again shortly")
         # Interned: every connection on a channel holds the same name (the registry's too), not
         # its own copy parsed out of its subscribe.
@@ -402,7 +403,8 @@ class Session:
         self.forget(channel)
         return [Leave(channel), ok]
 
-    def _publish(self, data: dict[str, Any], id_: str | None, now: float, hub_up: bool) -> list[Output]:
+    def _publish(self, data: dict[str, Any], id_: str | None, now: float,
+                 hub_up: Callable[[str], bool]) -> list[Output]:
         channel = _channel(data)
         try:
             type_ = check_event_type(data.get("type"))
@@ -421,7 +423,7 @@ class Session:
         if wait:
             raise RequestError(ReplyCode.RATE_LIMITED, "publish rate limit",
                                retry_after_ms=max(1, math.ceil(wait * 1000)))
-        if not hub_up:
+        if not hub_up(channel):
             raise RequestError(ReplyCode.INTERNAL_ERROR, "hub unavailable, event not published")
         # channel and type are checked above, and event_data came out of orjson: encode as is
         body = event_body(channel, type_, event_data, self.wall_clock())

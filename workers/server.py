@@ -42,18 +42,22 @@ from hub.envelope import (
     HISTORY_REQUEST,
     REQUEST_ID,
     confirmed_ingress,
+    ingress_record,
+    read_ingress,
     reply_topic_for,
     split_answer,
     split_egress,
 )
+from hub.shards import split_by_shard
 from tidings.config import Config
+from tidings.links import keys_for, warn_if_insecure
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
 from tidings.sdnotify import Notifier
 from workers import errors
 from workers.api import PublishAPI
 from workers.auth import AuthFailure, Claims, TokenVerifier
-from workers.bus import HubBus
+from workers.bus import HubBus, HubShards
 from workers.channels import Channel, ChannelRegistry, PendingJoin
 from workers.connection import ClientConnection, EchoConnection, FramedConnection, RejectedConnection, text_frame
 from workers.errors import CloseReason, ReplyCode, RequestError
@@ -98,9 +102,8 @@ class Worker:
         self.verifier = TokenVerifier.from_config(config)
         self.limits = SessionLimits.from_config(config)
         self.loop = asyncio.get_running_loop()
-        self.bus = HubBus(config.ingress_endpoint, config.egress_endpoint, config.requests_endpoint,
-                          config.hub_hwm, self.on_hub_messages, self.on_hub_state, self.on_hub_reply)
-        self.channels = ChannelRegistry(self.bus.subscribe, self.bus.unsubscribe)
+        self.hubs = HubShards(config, keys_for(config), self.on_hub_messages, self.on_hub_state, self.on_hub_reply)
+        self.channels = ChannelRegistry(self.hubs.subscribe, self.hubs.unsubscribe)
         self.connections: dict[ClientConnection, None] = {}
         self.echo_connections: set[EchoConnection] = set()
         self.per_user: Counter[str] = Counter()
@@ -114,7 +117,6 @@ class Worker:
         # The hub answers this worker's confirmed publishes on this topic of its XPUB.
         self.reply_topic = reply_topic_for(f"worker-{index}-{os.getpid()}-{self.boot}")
         self.writer = LoopPassWriter(self.loop, self.push_publishes, config.max_pending_bytes, self.drop_slow)
-        self.hub_up = False
         self.ready = False
         self.stopping = False
         self.stopped = asyncio.Event()
@@ -133,8 +135,9 @@ class Worker:
 
     # == lifecycle =============================================================================
     async def start(self) -> None:
-        self.bus.start(self.loop)
-        self.bus.subscribe(self.reply_topic)
+        warn_if_insecure(self.config, self.log)
+        self.hubs.start(self.loop)
+        self.hubs.subscribe_everywhere(self.reply_topic)
         self.server = await ws_create_server(
             self.listener_factory, self.config.host, self.config.port,
             reuse_port=True, backlog=self.config.backlog,
@@ -214,7 +217,7 @@ class Worker:
         await asyncio.sleep(0.05)  # let disconnect callbacks run
         self.exporter.flush()
         mark_process_dead(os.getpid())  # this process's live gauges leave /metrics with it
-        self.bus.close()
+        self.hubs.close()
         self.log.info("worker %d stopped (%d connections aborted at the end of the drain)", self.index, aborted)
         self.stopped.set()
 
@@ -235,9 +238,20 @@ class Worker:
                       self.index, fresh.jwt_rotation_overlap)
         self.notifier.ready(self.status_line())
 
+    @property
+    def hub_up(self) -> bool:
+        """Linked to every hub shard."""
+        return self.hubs.down == 0
+
+    def hub_up_for(self, channel: str) -> bool:
+        """Linked to the shard that owns `channel`: its subscribes and publishes can go."""
+        return self.hubs.for_channel(channel).connected
+
     def status_line(self) -> str:
-        return (f"{len(self.connections)} connections, {self.channels.active_channels} channels, "
-                f"hub {'up' if self.hub_up else 'down'}")
+        down = self.hubs.down
+        hubs = "hub up" if not down else ("hub down" if self.hubs.count == 1 else
+                                           f"{down} of {self.hubs.count} hub shards down")
+        return f"{len(self.connections)} connections, {self.channels.active_channels} channels, {hubs}"
 
     # == housekeeping ==========================================================================
     def _watchdog(self) -> None:
@@ -272,6 +286,7 @@ class Worker:
         s.subscriptions = self.channels.subscriptions
         s.channels = self.channels.active_channels
         s.hub_topics = self.channels.hub_topics
+        s.hubs_down = self.hubs.down
         self.exporter.flush()
         self.notifier.status(self.status_line())
 
@@ -491,7 +506,7 @@ class Worker:
             return
         body = orjson.dumps({"channel": channel.name, "since": {"offset": since, "epoch": channel.epoch.decode()},
                              "limit": self.config.recovery_max_events, "source": "worker"})
-        request_id = self.request(HISTORY_REQUEST, body, lambda frames: self._on_read(channel, frames))
+        request_id = self.request(channel.name, HISTORY_REQUEST, body, lambda frames: self._on_read(channel, frames))
         if request_id is None:
             self.log.warning("cannot ask the hub for history of %s: hub unavailable", channel.name)
             self._finish_recovery(channel, recovery.give_up(), now)
@@ -520,11 +535,14 @@ class Worker:
         self._finish_recovery(channel, outcomes, now)
 
     # == requests to the hub ===================================================================
-    def request(self, op: bytes, body: bytes, answer: Callable[[list[bytes] | None], None]) -> bytes | None:
-        """Send a request to the hub; `answer` gets the reply (header, items...) or None after
-        subscribe_timeout. Returns the request id, or None when it could not be sent."""
+    def request(self, channel: str, op: bytes, body: bytes,
+                answer: Callable[[list[bytes] | None], None]) -> bytes | None:
+        """Send a request about `channel` to the hub shard owning it; `answer` gets the reply
+        (header, items...) or None after subscribe_timeout. Returns the request id, or None when
+        it could not be sent."""
         request_id = b"%d" % next(self.request_ids)
-        if not self.hub_up or not self.bus.request(op, request_id, body):
+        bus = self.hubs.for_channel(channel)
+        if not bus.connected or not bus.request(op, request_id, body):
             return None
         self.requests[request_id] = (self.loop.time() + self.config.subscribe_timeout, answer)
         return request_id
@@ -536,11 +554,12 @@ class Worker:
         if pending is not None:  # else answered after its deadline: already told it failed
             pending[1](frames[2:])
 
-    def publish_confirmed(self, records: bytes, answer: Callable[[list[bytes] | None], None]) -> bool:
-        """Send ingress records the hub answers on this worker's reply topic (hub/envelope.py);
-        `answer` gets [the JSON answer], or None after subscribe_timeout. False if not sent."""
+    def publish_confirmed(self, bus: HubBus, records: bytes, answer: Callable[[list[bytes] | None], None]) -> bool:
+        """Send ingress records (all of `bus`'s shard) that the hub answers on this worker's reply
+        topic (hub/envelope.py); `answer` gets [the JSON answer], or None after subscribe_timeout.
+        False if not sent."""
         request_id = next(self.request_ids)
-        if not self.hub_up or not self.bus.push_message(confirmed_ingress(self.reply_topic, request_id, records)):
+        if not bus.connected or not bus.push_message(confirmed_ingress(self.reply_topic, request_id, records)):
             return False
         self.requests[REQUEST_ID.pack(request_id)] = (self.loop.time() + self.config.subscribe_timeout, answer)
         return True
@@ -552,12 +571,30 @@ class Worker:
             pending[1]([body])
 
     def push_publishes(self, message: bytes, publishers: list[tuple[ClientConnection, Forward]]) -> bool:
-        """A loop pass's client publishes, one confirmed message: each is answered `published`
-        with its offset and epoch once the hub stamped it."""
-        sent = self.publish_confirmed(message, lambda frames: self._answer_publishes(publishers, frames))
-        if not sent:
-            self._count_publishes(len(publishers), False)
-        return sent
+        """A loop pass's client publishes, one confirmed message per hub shard: each is answered
+        `published` with its offset and epoch once its shard stamped it. False: none could go."""
+        if self.hubs.count == 1:
+            sent = self.publish_confirmed(self.hubs.buses[0], message,
+                                          lambda frames: self._answer_publishes(publishers, frames))
+            if not sent:
+                self._count_publishes(len(publishers), False)
+            return sent
+        records, _ = read_ingress(message, len(message))  # built by this worker: well formed
+        failed = 0
+        groups = split_by_shard(zip(records, publishers, strict=True), self.hubs.count)
+        for shard, group in groups.items():
+            part = b"".join(ingress_record(topic, body) for (topic, body), _ in group)
+            who = [p for _, p in group]
+            if not self.publish_confirmed(self.hubs.buses[shard], part,
+                                          lambda frames, who=who: self._answer_publishes(who, frames)):
+                failed += len(who)
+                if len(groups) > 1:  # else the writer answers them all
+                    for conn, forward in who:
+                        if not conn.closed:
+                            conn.send(forward.failed)
+        if failed:
+            self._count_publishes(failed, False)
+        return failed < len(publishers) or len(groups) > 1
 
     def _answer_publishes(self, publishers: list[tuple[ClientConnection, Forward]],
                           frames: list[bytes] | None) -> None:
@@ -674,15 +711,18 @@ class Worker:
         return True  # held for the healing members (it is past the hole)
 
     # == hub ==================================================================================
-    def on_hub_state(self, up: bool) -> None:
-        self.hub_up = up
+    def on_hub_state(self, shard: int, up: bool) -> None:
+        bus = self.hubs.buses[shard]
+        self.stats.worker_hub_links[(str(shard), "up" if up else "lost")] += 1
+        self.stats.hubs_down = self.hubs.down
         if up:
-            self.log.info("worker %d connected to the hub", self.index)
+            self.log.info("worker %d linked to hub %d (%s)", self.index, shard, bus.egress)
             self._check_ready()
         else:
-            self.log.warning("worker %d lost the hub; clients stay connected, publishes are refused "
-                             "until it is back", self.index)
-            self.channels.hub_lost()
+            self.log.warning("worker %d lost hub %d (%s: closed, or silent for %.0fs of heartbeats); clients "
+                             "stay connected, its channels' publishes and new subscribes are refused until it is "
+                             "back", self.index, shard, bus.egress, self.config.hub_heartbeat * 3)
+            self.channels.hub_lost(lambda topic: self.hubs.for_topic(topic) is bus)
 
     def on_hub_messages(self, batch: list[bytes]) -> None:
         """The fan-out hot path. Per event: add a frame header to the payload the hub built, once.

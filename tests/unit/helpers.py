@@ -57,7 +57,7 @@ class Client:
     log: list[list[Output]] = field(default_factory=list)
 
     def send(self, message: Any) -> list[Output]:
-        outputs = self.session.handle(_payload(message), self.clock.now, self.hub_up)
+        outputs = self.session.handle(_payload(message), self.clock.now, lambda channel: self.hub_up)
         self.log.append(outputs)
         return outputs
 

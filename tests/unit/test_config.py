@@ -40,8 +40,9 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (config.handshake_timeout, config.idle_timeout, config.pong_timeout) == (5.0, 25.0, 20.0)
     assert (config.allowed_origins, config.conformance_echo) == ((), False)
     assert config.runtime_dir == f"/run/user/1234/tidings-{os.getuid()}"
-    assert config.ingress_endpoint == f"ipc:///run/user/1234/tidings-{os.getuid()}/ingress"
-    assert config.egress_endpoint == f"ipc:///run/user/1234/tidings-{os.getuid()}/egress"
+    assert config.ingress_endpoints == (f"ipc:///run/user/1234/tidings-{os.getuid()}/ingress",)
+    assert config.egress_endpoints == (f"ipc:///run/user/1234/tidings-{os.getuid()}/egress",)
+    assert (config.role, config.hubs, config.hub_keys, config.hub_insecure) == ("all", 1, "", False)
     assert config.metrics_path == Path(f"/run/user/1234/tidings-{os.getuid()}/metrics")
 
 
@@ -52,8 +53,36 @@ def test_runtime_dir_falls_back_to_tmp(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_endpoint_overrides() -> None:
     config = load(HUB_INGRESS="tcp://10.0.0.1:5555", HUB_EGRESS="tcp://10.0.0.1:5556", METRICS_DIR="/m")
-    assert (config.ingress_endpoint, config.egress_endpoint) == ("tcp://10.0.0.1:5555", "tcp://10.0.0.1:5556")
+    assert (config.ingress_endpoints, config.egress_endpoints) == (("tcp://10.0.0.1:5555",), ("tcp://10.0.0.1:5556",))
     assert config.metrics_path == Path("/m")
+
+
+def test_shards_get_an_ipc_directory_each_by_default() -> None:
+    config = load(HUBS="2", RUNTIME_DIR="/r")
+    assert config.ingress_endpoints == ("ipc:///r/hub-0/ingress", "ipc:///r/hub-1/ingress")
+    assert config.requests_endpoints == ("ipc:///r/hub-0/requests", "ipc:///r/hub-1/requests")
+    assert config.journal_path(1) == Path("/r/state/history-1.journal")
+    assert load(RUNTIME_DIR="/r").journal_path(0) == Path("/r/state/history.journal")
+
+
+def test_listed_endpoints_must_match_the_shard_count() -> None:
+    with pytest.raises(ConfigError, match="lists 1 endpoint.*TIDINGS_HUBS is 2"):
+        load(HUBS="2", HUB_INGRESS="tcp://a:1")
+    config = load(HUBS="2", HUB_INGRESS="tcp://a:1, tcp://b:1")
+    assert config.ingress_endpoints == ("tcp://a:1", "tcp://b:1")
+    with pytest.raises(ConfigError, match="not an ipc://, tcp://"):
+        load(HUB_EGRESS="udp://a:1")
+    with pytest.raises(ConfigError, match="TIDINGS_ROLE"):
+        load(ROLE="relay")
+
+
+def test_tcp_hub_links_need_keys_or_an_explicit_insecure() -> None:
+    config = load(HUB_INGRESS="tcp://10.0.0.1:5555")
+    with pytest.raises(ConfigError, match="need CURVE keys"):
+        config.check_hub_links()
+    load(HUB_INGRESS="tcp://10.0.0.1:5555", HUB_INSECURE="1").check_hub_links()
+    load(HUB_INGRESS="tcp://10.0.0.1:5555", HUB_KEYS="/k").check_hub_links()
+    load().check_hub_links()  # ipc:// needs nothing
 
 
 def test_every_field_is_documented() -> None:
