@@ -129,3 +129,10 @@ export declare class TidingsClient {
   on(event: "disconnected", fn: (info: DisconnectedInfo) => void): () => void;
   on(event: "error", fn: (info: ErrorInfo) => void): () => void;
 }
+
+/**
+ * The hub shard that owns a channel: CRC-32 (IEEE) of its UTF-8 bytes modulo `shards`, as the
+ * server computes it. For a JavaScript backend that routes by shard; the client never needs it.
+ * Throws a RangeError unless `shards` is a positive integer.
+ */
+export declare function shardOf(channel: string, shards: number): number;

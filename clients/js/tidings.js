@@ -723,3 +723,28 @@ function rethrow(err) {
 function uniform(random, low, high) {
   return Math.round(low + random() * (high - low));
 }
+
+let crcTable = null; // the CRC-32 table, built on the first shardOf()
+
+/**
+ * The hub shard that owns a channel, as the server computes it (hub/shards.py): CRC-32 (IEEE) of
+ * the name's UTF-8 bytes, modulo the number of shards. For a JavaScript backend that routes by
+ * shard; subscribing and publishing through TidingsClient never need it.
+ * @param {string} channel
+ * @param {number} shards the hub count (TIDINGS_HUBS), a positive integer
+ * @returns {number} 0 to shards - 1
+ */
+export function shardOf(channel, shards) {
+  if (!Number.isInteger(shards) || shards < 1) throw new RangeError("shards must be a positive integer");
+  if (!crcTable) {
+    crcTable = new Uint32Array(256);
+    for (let n = 0; n < 256; n++) {
+      let c = n;
+      for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+      crcTable[n] = c;
+    }
+  }
+  let crc = 0xffffffff;
+  for (const byte of new TextEncoder().encode(channel)) crc = crcTable[(crc ^ byte) & 0xff] ^ (crc >>> 8);
+  return ((crc ^ 0xffffffff) >>> 0) % shards;
+}
