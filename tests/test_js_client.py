@@ -63,6 +63,11 @@ def test_unit(node: str) -> None:
     run_suite(node, "client.test.js")
 
 
+def test_shard_of_matches_the_shared_vectors(node: str) -> None:
+    """shardOf() against clients/shards.json, the vectors hub/shards.py checks too."""
+    run_suite(node, "shards.test.js")
+
+
 def test_against_a_real_server(node: str) -> None:
     """A worker killed and one restarted: resumed without loss; 100 clients spread their redials."""
     run_suite(node, "server.test.js")
