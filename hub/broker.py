@@ -158,7 +158,7 @@ class Broker:
                           report.streams, report.events)
         exporter = StatsExporter(self.stats)
         epoch = self.store.epoch_prefix.decode()
-        self.log.info("hub %d of %d serving: ingress %s, egress %s, requests %s, epochs %s*, history %s%s, %s",
+        self.log.info("hub serving shard %d of %d: ingress %s, egress %s, requests %s, epochs %s*, history %s%s, %s",
                       self.shard, self.config.hubs, self.ingress_endpoint, self.egress_endpoint,
                       self.requests_endpoint, epoch, self.config.history or "off",
                       ", persisted" if self.journal else "",

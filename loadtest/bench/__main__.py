@@ -98,7 +98,7 @@ def run_case(
     `make(kind, workers)` builds the server (NoServer for a scenario that starts its own)."""
     if make is None:
         env = tidings_env(args)
-        make = lambda kind, workers: make_server(kind, workers, env)  # noqa: E731
+        make = lambda kind, workers: make_server(kind, workers, env, args.hubs, args.hub_link)  # noqa: E731
     out: dict[tuple[str, str], Case] = {}
     servers: dict[str, Server] = {}
     failed: set[str] = set()
@@ -397,6 +397,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="tidings workers (2)")
     p.add_argument("--clients", type=int, default=2, help="load-client processes for subscribers (2)")
     p.add_argument("--out", default=str(LOADTEST / "results"), help="raw JSON results directory")
+    p.add_argument("--hubs", type=int, default=1, help="tidings hub shards (1)")
+    p.add_argument("--hub-link", default="ipc", choices=["ipc", "tcp", "curve"],
+                   help="hub links: ipc://, plain tcp:// on loopback, or tcp:// with CURVE (ipc)")
     p.add_argument("--history", default=None, metavar="SPEC",
                    help="TIDINGS_HISTORY for tidings ('' = none; default: the server's own), "
                         "e.g. 'bench=64/300s,user=32/600s' to measure what keeping history costs")

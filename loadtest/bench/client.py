@@ -385,7 +385,12 @@ class PublisherJob:
         if s["via"] == "hub":
             from hub import Publisher  # the backend API; the only server code the bench uses
 
-            self.publisher = Publisher(s["ingress"])
+            keys = None
+            if s.get("hub_keys"):
+                from tidings.links import CurveKeys
+
+                keys = CurveKeys.load(s["hub_keys"])
+            self.publisher = Publisher(s["ingress"].split(","), keys=keys)
         else:
             url = s["url"] + mint(s["secret"], f"bench-p{s['index']}", [], ["bench:*"])
             opened, errors, _ = await _connect_many(Setup, [url], s, 1)

@@ -115,7 +115,7 @@ def measure(missed: int = 100, runs: int = 20, channels: int = 1000, events: int
     env = {"TIDINGS_HISTORY": f"bench={max(missed, events) + 10}/600s", "TIDINGS_RECOVERY_MAX_EVENTS": str(missed),
            "TIDINGS_PUBLISH_RATE_LIMIT": "100000", "TIDINGS_PUBLISH_BURST": "100000"}
     with TidingsServer(workers=1, extra_env=env) as server, \
-            Publisher(server.ingress or "", requests=f"ipc://{server.runtime_dir}/requests") as pub:
+            Publisher((server.ingress or "").split(","), requests=server.requests.split(",")) as pub:
         times = recovery_ms(server, pub, missed, runs)
         memory = history_memory(server, pub, channels, events)
     times.sort()

@@ -170,7 +170,8 @@ def fanout(
         pub = Job({**base, "kind": "publisher", "index": 0, "via": via, "count": events,
                    "window": window, "rate": rate, "max_in_flight": max(window, 100_000),
                    "pad": max(0, EVENT_BYTES - _ENVELOPE_BYTES - len(chans[0])),
-                   "ingress": getattr(server, "ingress", None), "offset": offset,
+                   "ingress": getattr(server, "ingress", None),
+                   "hub_keys": getattr(server, "hub_keys", None), "offset": offset,
                    "progress_slots": [(i, n) for i, n in enumerate(sizes) if n]}, progress)
         jobs.append(pub)
         _ready([pub])
@@ -428,7 +429,7 @@ def notify(server: Server, *, connections: int = 5000, events: int = 200_000, wi
         for i, n in enumerate(sizes):
             users = [f"user:{prefixes[i]}{k}" for k in range(n)]
             jobs.append(Job({**base, "kind": "publisher", "index": i, "via": "hub", "ingress": server.ingress,
-                             "channels": users, "count": per_user * n, "window": window,
+                             "hub_keys": server.hub_keys, "channels": users, "count": per_user * n, "window": window,
                              "pad": _pad(users[-1], NOTIFY_TYPE), "progress_slots": [(i, n)]}, progress))
         pubs = jobs[len(subs):]
         _ready(pubs)

@@ -47,7 +47,8 @@ class Server:
     name = "server"
     ready_line = ""
     has_hub = False
-    ingress: str | None = None  # the hub's PULL endpoint, for hub.Publisher (tidings only)
+    ingress: str | None = None  # the hubs' PULL endpoints, comma-separated, for hub.Publisher (tidings only)
+    hub_keys: str | None = None  # CURVE key directory for hub.Publisher when the hub links are encrypted
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
@@ -160,14 +161,29 @@ class TidingsServer(Server):
 
     def __init__(
         self, host: str = "127.0.0.1", workers: int = 2, extra_env: dict[str, str] | None = None,
+        hubs: int = 1, link: str = "ipc",
     ) -> None:
         super().__init__(host)
         self.workers = workers
+        self.hubs = hubs
+        self.link = link
         self.api_port = free_port(host)
         self.api_key = secrets.token_hex(16)
-        # explicit ipc endpoints so the bench's hub.Publisher knows where the hub listens
-        self.ingress: str | None = f"ipc://{self.runtime_dir}/bench-ingress.sock"
-        self.egress = f"ipc://{self.runtime_dir}/bench-egress.sock"
+        # explicit endpoints so the bench's hub.Publisher knows where the hubs listen
+        if link == "ipc":
+            ends = [(f"ipc://{self.runtime_dir}/bench-ingress-{i}.sock", f"ipc://{self.runtime_dir}/bench-egress-{i}.sock",
+                     f"ipc://{self.runtime_dir}/bench-requests-{i}.sock") for i in range(hubs)]
+        elif link in ("tcp", "curve"):  # loopback TCP: the cost of the network hop minus the wire
+            ends = [tuple(f"tcp://127.0.0.1:{free_port()}" for _ in range(3)) for _ in range(hubs)]
+        else:
+            raise ValueError(f"hub link must be ipc, tcp or curve, not {link!r}")
+        self.ingress: str | None = ",".join(e[0] for e in ends)
+        self.egress = ",".join(e[1] for e in ends)
+        self.requests = ",".join(e[2] for e in ends)
+        if link == "curve":
+            self.hub_keys = str(self.runtime_dir / "keys")
+            subprocess.run([sys.executable, "-m", "tidings", "keys", "generate", "--hub", "--dir", self.hub_keys],
+                           check=True, capture_output=True)
         self.extra_env = extra_env or {}
 
     def command(self) -> list[str]:
@@ -183,8 +199,12 @@ class TidingsServer(Server):
             "TIDINGS_RUNTIME_DIR": str(self.runtime_dir),
             "TIDINGS_JWT_SECRET": self.jwt_secret,
             "TIDINGS_API_KEY": self.api_key,
-            "TIDINGS_HUB_INGRESS": self.ingress,
+            "TIDINGS_HUBS": str(self.hubs),
+            "TIDINGS_HUB_INGRESS": self.ingress or "",
             "TIDINGS_HUB_EGRESS": self.egress,
+            "TIDINGS_HUB_REQUESTS": self.requests,
+            "TIDINGS_HUB_KEYS": self.hub_keys or "",
+            "TIDINGS_HUB_INSECURE": "1" if self.link == "tcp" else "0",
             "TIDINGS_DRAIN_WINDOW": "1",
             # per-connection abuse limits (100 commands/s, 20 publishes/s) would cap one bench
             # publisher or pinger far below the server's speed; the checks still run, they just
@@ -194,11 +214,12 @@ class TidingsServer(Server):
         }
 
 
-def make_server(kind: str, workers: int = 2, extra_env: dict[str, str] | None = None) -> Server:
+def make_server(kind: str, workers: int = 2, extra_env: dict[str, str] | None = None,
+                hubs: int = 1, link: str = "ipc") -> Server:
     if kind == "baseline":
         return BaselineServer()
     if kind == "tidings":
-        return TidingsServer(workers=workers, extra_env=extra_env)
+        return TidingsServer(workers=workers, extra_env=extra_env, hubs=hubs, link=link)
     raise ValueError(f"unknown server {kind!r}")
 
 

@@ -267,12 +267,12 @@ def _kill_hub_and_wait(svc: TidingsService) -> None:
     old = svc.children()["hub"]
     mark = len(svc.logs())
     os.kill(old, signal.SIGKILL)
-    assert svc.wait_for_log("lost the hub", after=mark)
+    assert svc.wait_for_log("lost hub 0", after=mark)
     deadline = time.monotonic() + 15
     while svc.children().get("hub") in (None, old) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert svc.wait_for_log("hub serving", after=mark, timeout=15)
-    assert svc.wait_for_log("connected to the hub", after=mark, timeout=15)
+    assert svc.wait_for_log("linked to hub 0", after=mark, timeout=15)
 
 
 def test_hub_restart_without_persistence_is_not_recovered() -> None:
