@@ -66,7 +66,7 @@ def test_shards_get_an_ipc_directory_each_by_default() -> None:
 
 
 def test_listed_endpoints_must_match_the_shard_count() -> None:
-    with pytest.raises(ConfigError, match="lists 1 endpoint.*TIDINGS_HUBS is 2"):
+    with pytest.raises(ConfigError, match=r"lists 1 endpoint.*TIDINGS_HUBS is 2"):
         load(HUBS="2", HUB_INGRESS="tcp://a:1")
     config = load(HUBS="2", HUB_INGRESS="tcp://a:1, tcp://b:1")
     assert config.ingress_endpoints == ("tcp://a:1", "tcp://b:1")
