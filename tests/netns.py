@@ -491,11 +491,12 @@ def channels_on_every_shard(hubs: int, namespace: str = "conversation", stem: st
     return [found[s] for s in range(hubs)]
 
 
-def metric_value(text: str, name: str, labels: str = "") -> float:
-    """The sum of a metric's samples whose label set contains `labels` (0 when absent)."""
+def metric_value(text: str, name: str, *labels: str) -> float:
+    """The sum of a metric's samples whose labels include each of `labels` ('event="lost"'), 0
+    when there are none."""
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {") and labels in line:
+        if line.startswith(name) and line[len(name)] in " {" and all(label in line for label in labels):
             total += float(line.rsplit(" ", 1)[1])
     return total
 

@@ -464,6 +464,11 @@ def test_a_killed_hub_shard_fails_fast_and_heals_while_the_other_flows(net: Netw
                 seen = await asyncio.to_thread(cluster.workers[role].wait_for, r"lost hub 1", after=marks[role],
                                                timeout=DETECT_BOUND)
                 print(f"\nhub shard 1 killed -> worker on {role} logged the loss after {seen - killed:.3f}s")
+                metrics = await asyncio.to_thread(cluster.metrics, role)
+                assert metric_value(metrics, "tidings_worker_hubs_down") == 1
+                assert metric_value(metrics, "tidings_worker_hub_link_events_total", 'shard="1"', 'event="lost"') == 1
+                status, health = await asyncio.to_thread(cluster.api, role, "/healthz")
+                assert (health["hub"], health["hubs_down"]) == (False, 1), health
 
             # The live shard does not care.
             await backend.run(Publisher.publish, live, "chat_message", {"m": "publisher-after"}, True)
@@ -503,6 +508,9 @@ def test_a_killed_hub_shard_fails_fast_and_heals_while_the_other_flows(net: Netw
                 seen = await asyncio.to_thread(cluster.workers[role].wait_for, r"linked to hub 1", after=marks[role],
                                                timeout=10)
                 print(f"hub shard 1 restarted -> worker on {role} re-linked after {seen - restarted:.3f}s")
+                metrics = await asyncio.to_thread(cluster.metrics, role)
+                assert metric_value(metrics, "tidings_worker_hubs_down") == 0
+                assert metric_value(metrics, "tidings_worker_hub_link_events_total", 'shard="1"', 'event="up"') == 2
             for role, raw in raws.items():
                 told = await asyncio.to_thread(raw.recv)
                 assert told == {"type": "unsubscribed", "data": {"channel": dead, "reason": "insufficient_state"}}, \
@@ -615,7 +623,7 @@ def test_a_worker_host_cut_off_and_back(net: Network, keyring: Keyring, tmp_path
             arrived = {s.item.offset: s.at for s in w.items[channel] if isinstance(s.item, Event)}
             lag = max(arrived[o] - published[o] for o in published)
             if w.role == "w1":
-                assert lag < 1.0, f"{w}: an event took {lag:.2f}s"
+                assert lag < 1.5, f"{w}: an event took {lag:.2f}s"
             else:
                 caught_up = max(arrived[o] for o in during) - up
                 print(f"{w}: the {len(during)} events of the outage arrived by {caught_up:.3f}s after the cable "
