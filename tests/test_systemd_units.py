@@ -4,10 +4,12 @@ their ExecStart= lines start tidings the way systemd would (outside systemd: PID
 - static checks of every setting production needs: notify/watchdog, restart, limits, sandboxing (no tools needed);
 - `systemd-analyze verify` (rc 0 and not one warning) and `systemd-analyze security --offline=true`
   (exposure <= 2.5) on copies rendered with this venv's `tidings`, since verify wants ExecStart= to exist;
-- install.sh staged into a DESTDIR, twice (idempotent, keys kept);
+- install.sh staged into a DESTDIR: idempotent, keys kept, the roles (all, hubs, workers) and shard
+  counts mapped to enabled instances, an install with the old single tidings-hub.service migrated;
 - each ExecStart= run with the unit's Environment=, an env file made from tidings.env.example, a
   notify socket and WATCHDOG_USEC the way systemd sets them: READY=1 from the main PID, WATCHDOG=1,
-  a client served, ExecReload= keeps it connected, KillSignal= gets close 1001 and exit 0 in time.
+  a client served, ExecReload= keeps it connected, KillSignal= gets close 1001 and exit 0 in time;
+  two hub shards side by side in one runtime and state directory, with CURVE keys re-read on reload.
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_DIR = REPO / "systemd"
-HUB = "tidings-hub.service"
+HUB = "tidings-hub@.service"  # one instance per hub shard: tidings-hub@0, @1, ...
 WORKER = "tidings-worker@.service"
 TARGET = "tidings.target"
+HUBS_TARGET = "tidings-hubs.target"  # the shards enabled on this host; the workers order after it
+OLD_HUB = "tidings-hub.service"  # the single hub of earlier versions: install.sh migrates it away
 SERVICES = (HUB, WORKER)
-UNITS = (*SERVICES, TARGET)
+TARGETS = (TARGET, HUBS_TARGET)
+UNITS = (*SERVICES, *TARGETS)
 ENV_EXAMPLE = SYSTEMD_DIR / "tidings.env.example"
 SYSCTL_CONF = SYSTEMD_DIR / "sysctl.d" / "90-tidings.conf"
 INSTALL_SH = SYSTEMD_DIR / "install.sh"
@@ -183,24 +188,38 @@ def test_service_has_every_setting_issue_6_asks_for(name: str) -> None:
     stop = seconds(value(unit, svc, "TimeoutStopSec") or "0")
     assert stop >= example_drain_window() + 10, f"{name}: TimeoutStopSec={stop} leaves no room to drain"
     assert value(unit, "Unit", "PartOf") == TARGET
-    assert value(unit, "Unit", "ReloadPropagatedFrom") == TARGET
-    assert value(unit, "Install", "WantedBy") == TARGET
+    assert TARGET in values(unit, "Unit", "ReloadPropagatedFrom")
+    # Enabling a shard adds it to tidings-hubs.target (which tidings.target wants), a worker to tidings.target.
+    assert value(unit, "Install", "WantedBy") == (HUBS_TARGET if name == HUB else TARGET)
     # The runtime dir the code uses is the one systemd creates and leaves writable.
     env = dict(kv.split("=", 1) for line in values(unit, svc, "Environment") for kv in shlex.split(line))
     assert env["TIDINGS_RUNTIME_DIR"] == "%t/tidings"
     exec_start = shlex.split(value(unit, svc, "ExecStart") or "")
     assert exec_start[0] == DEFAULT_BIN
-    assert exec_start[1:] == (["hub"] if name == HUB else ["worker", "--index", "%i"])
+    assert exec_start[1:] == (["hub", "--shard", "%i"] if name == HUB else ["worker", "--index", "%i"])
 
 
-def test_worker_wants_the_hub_but_survives_its_restart() -> None:
-    worker = load_unit(WORKER)
-    assert "tidings-hub.service" in (value(worker, "Unit", "Wants") or "").split()
-    assert "tidings-hub.service" in (value(worker, "Unit", "After") or "").split()
-    for key in ("Requires", "BindsTo", "Requisite", "PartOf"):
-        assert "tidings-hub.service" not in " ".join(values(worker, "Unit", key)), (
-            f"{key}= would restart every worker (and drop every client) whenever the hub restarts"
-        )
+def unit_names(unit: Unit, key: str) -> list[str]:
+    """The units a dependency setting names, over every line of it."""
+    return " ".join(values(unit, "Unit", key)).split()
+
+
+def test_worker_wants_the_hubs_but_survives_their_restart() -> None:
+    worker, hub, hubs = load_unit(WORKER), load_unit(HUB), load_unit(HUBS_TARGET)
+    # Started with this host's shards and after them, through the target their instances join.
+    assert HUBS_TARGET in unit_names(worker, "Wants") and HUBS_TARGET in unit_names(worker, "After")
+    assert HUBS_TARGET in unit_names(hub, "Before"), "the target must wait for every shard's READY=1"
+    assert value(hub, "Install", "WantedBy") == HUBS_TARGET
+    for key in ("Requires", "BindsTo", "Requisite", "PartOf", "StopPropagatedFrom"):
+        named = [u for u in unit_names(worker, key) if u.startswith("tidings-hub")]
+        assert not named, f"{key}={named} would restart every worker (and drop every client) whenever a hub restarts"
+    assert not values(hub, "Unit", "PropagatesStopTo"), "a shard's stop or restart must not reach the workers"
+    # The target only groups: it never stops with a shard, and a shard never drags it along.
+    assert {k for k, _ in hubs["Unit"]} <= {"Description", "Documentation", "PartOf"}
+    assert value(hubs, "Unit", "PartOf") == TARGET, "stop/restart of tidings.target must order through it"
+    assert "Install" not in hubs, "pulled in by tidings.target and the workers, never enabled itself"
+    # `systemctl reload tidings-hubs.target` re-reads the authorized CURVE keys of this host's shards.
+    assert HUBS_TARGET in values(hub, "Unit", "ReloadPropagatedFrom")
 
 
 def test_hub_and_workers_share_user_and_runtime_dir() -> None:
@@ -211,10 +230,14 @@ def test_hub_and_workers_share_user_and_runtime_dir() -> None:
     assert "DynamicUser" not in dict(worker["Service"]), "DynamicUser= gives each unit its own UID"
 
 
-def test_target_pulls_in_the_hub() -> None:
+def test_target_pulls_in_the_hubs_and_workers() -> None:
     target = load_unit(TARGET)
-    assert "tidings-hub.service" in (value(target, "Unit", "Wants") or "").split()
+    assert HUBS_TARGET in unit_names(target, "Wants")
     assert value(target, "Install", "WantedBy") == "multi-user.target"
+    # No unit names the single hub of earlier versions any more.
+    for name in UNITS:
+        assert OLD_HUB not in (SYSTEMD_DIR / name).read_text(), name
+    assert not (SYSTEMD_DIR / OLD_HUB).exists()
 
 
 def test_env_example_names_only_real_settings() -> None:
@@ -224,12 +247,24 @@ def test_env_example_names_only_real_settings() -> None:
         assert env[key] == "", f"{key} must ship empty: a published default key would be accepted"
     named = set(re.findall(r"^#?(TIDINGS_[A-Z0-9_]+)=", text, re.MULTILINE))
     assert {"TIDINGS_HOST", "TIDINGS_PORT", "TIDINGS_API_PORT", "TIDINGS_DRAIN_WINDOW"} <= named
+    assert {"TIDINGS_ROLE", "TIDINGS_HUBS", "TIDINGS_HUB_INGRESS", "TIDINGS_HUB_EGRESS", "TIDINGS_HUB_REQUESTS",
+            "TIDINGS_HUB_KEYS", "TIDINGS_HUB_INSECURE", "TIDINGS_HUB_HEARTBEAT"} <= named
+    # install.sh writes --role and --hubs into these lines of a new env file: one of each, set.
+    for key, default in (("TIDINGS_ROLE", "all"), ("TIDINGS_HUBS", "1")):
+        assert len(re.findall(rf"^#?{key}=", text, re.MULTILINE)) == 1, key
+        assert env[key] == default, key
+    # The multi-host example: one endpoint per shard in every list.
+    lists = [v.split(",") for v in re.findall(r"^#TIDINGS_HUB_(?:INGRESS|EGRESS|REQUESTS)=(.*)$", text, re.MULTILINE)]
+    assert len(lists) == 3 and all(len(x) == len(lists[0]) >= 2 for x in lists), lists
+    assert all(e.startswith("tcp://") for x in lists for e in x)
     if importlib.util.find_spec("tidings.config") is None:
         pytest.skip("tidings.config not importable: variable names not checked against Config")
     from tidings import config
 
     known = {config.env_name(f.name) for f in config.config_fields()}
     assert named <= known, f"not tidings settings: {sorted(named - known)}"
+    match = re.search(r"^MAX_HUBS=(\d+)", INSTALL_SH.read_text(), re.MULTILINE)
+    assert match and int(match.group(1)) == config.MAX_HUBS, "install.sh's MAX_HUBS is tidings.config's"
 
 
 def test_sysctl_settings_each_have_a_reason_and_exist() -> None:
@@ -259,17 +294,22 @@ def tidings_bin_for_analyze() -> str:
     return str(VENV_TIDINGS if VENV_TIDINGS.exists() else Path(sys.executable))
 
 
-def render_units(dest: Path, tidings_bin: str) -> dict[str, Path]:
-    """Copies of the units with ExecStart= pointing at tidings_bin, plus instance 0 of the worker."""
+INSTANCES = {"tidings-hub@0.service": HUB, "tidings-hub@1.service": HUB, "tidings-worker@0.service": WORKER}
+
+
+def render_units(dest: Path, tidings_bin: str, names: tuple[str, ...] = UNITS) -> dict[str, Path]:
+    """Copies of the units with ExecStart= pointing at tidings_bin, plus the instances of the
+    templates among them (two hub shards, worker 0)."""
     dest.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name in UNITS:
+    for name in names:
         path = dest / name
         path.write_text((SYSTEMD_DIR / name).read_text().replace(DEFAULT_BIN, tidings_bin))
         paths[name] = path
-    instance = dest / "tidings-worker@0.service"
-    shutil.copyfile(paths[WORKER], instance)
-    paths[instance.name] = instance
+    for instance, template in INSTANCES.items():
+        if template in names:
+            shutil.copyfile(paths[template], dest / instance)
+            paths[instance] = dest / instance
     return paths
 
 
@@ -295,14 +335,34 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
 def test_systemd_analyze_verify_catches_a_bad_unit(tmp_path: Path) -> None:
     """Guards the test above: a typo must produce output, or silence would prove nothing."""
     paths = render_units(tmp_path, tidings_bin_for_analyze())
-    hub = paths[HUB]
+    hub = paths["tidings-hub@0.service"]
     hub.write_text(hub.read_text().replace("Type=notify", "Type=notifyy"))
     result = analyze("verify", "--man=no", str(hub))
     assert "notifyy" in result.stdout + result.stderr
 
 
 @needs_analyze
-@pytest.mark.parametrize("name", [HUB, "tidings-worker@0.service"])
+def test_a_worker_verifies_on_a_host_without_hub_units(tmp_path: Path) -> None:
+    """A workers-only host (its hubs elsewhere), even one where the hub unit files were never
+    installed: the worker's Wants=/After= on tidings-hubs.target must not need it. verify does
+    check for missing units, which the Requires= variant proves."""
+    alone = render_units(tmp_path / "workers-only", tidings_bin_for_analyze(), (WORKER, TARGET))
+    assert not (tmp_path / "workers-only" / HUBS_TARGET).exists()
+    files = [str(alone["tidings-worker@0.service"]), str(alone[TARGET])]
+    result = analyze("verify", "--man=no", *files)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
+        f"rc={result.returncode}\n{result.stdout}{result.stderr}"
+    )
+    worker = alone["tidings-worker@0.service"]
+    text, n = re.subn(r"^Wants=.*$", f"Requires={HUBS_TARGET}", worker.read_text(), flags=re.MULTILINE)
+    assert n == 1
+    worker.write_text(text)
+    result = analyze("verify", "--man=no", *files)
+    assert HUBS_TARGET in result.stdout + result.stderr and "not found" in result.stdout + result.stderr
+
+
+@needs_analyze
+@pytest.mark.parametrize("name", ["tidings-hub@0.service", "tidings-worker@0.service"])
 def test_systemd_analyze_security_exposure(tmp_path: Path, name: str) -> None:
     paths = render_units(tmp_path, tidings_bin_for_analyze())
     threshold = f"--threshold={round(MAX_EXPOSURE * 10)}"  # in tenths
@@ -320,56 +380,225 @@ def test_install_script_is_valid_posix_sh() -> None:
     subprocess.run(["sh", "-n", str(INSTALL_SH)], check=True)
 
 
-@pytest.mark.skipif(
+def test_install_script_help_names_every_option() -> None:
+    out = subprocess.run(["sh", str(INSTALL_SH), "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("--venv", "--role", "--hubs", "--workers", "--no-sysctl", "--no-enable", "TIDINGS_ROLE"):
+        assert option in out, option
+    assert "set -eu" not in out
+
+
+needs_install_tools = pytest.mark.skipif(
     shutil.which("systemd-sysusers") is None or shutil.which("systemctl") is None,
     reason="install.sh needs systemd-sysusers and systemctl: `apt-get install systemd`",
 )
-def test_install_script_stages_everything_and_is_idempotent(tmp_path: Path) -> None:
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    fake = venv / "bin" / "tidings"
-    fake.write_text("#!/bin/sh\nexit 0\n")
-    fake.chmod(0o755)
-    root = tmp_path / "root"
 
-    def install(*args: str) -> str:
-        result = subprocess.run(
-            ["sh", str(INSTALL_SH), "--venv", str(venv), *args], env={**os.environ, "DESTDIR": str(root)},
-            capture_output=True, text=True, timeout=60,
+
+class Staged:
+    """install.sh run into a DESTDIR, with a stand-in venv whose bin/tidings does nothing (or runs
+    this venv's tidings, for the configuration check)."""
+
+    def __init__(self, base: Path, real_tidings: bool = False) -> None:
+        self.venv = base / "venv"
+        (self.venv / "bin").mkdir(parents=True)
+        fake = self.venv / "bin" / "tidings"
+        fake.write_text(f'#!/bin/sh\nexec {shlex.quote(str(VENV_TIDINGS))} "$@"\n' if real_tidings
+                        else "#!/bin/sh\nexit 0\n")
+        fake.chmod(0o755)
+        self.root = base / "root"
+        self.unitdir = self.root / "etc/systemd/system"
+        self.env_file = self.root / "etc/tidings/tidings.env"
+
+    def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
+        return subprocess.run(
+            ["sh", str(INSTALL_SH), "--venv", str(self.venv), *args],
+            env={**environ, "DESTDIR": str(self.root), **(env or {})}, capture_output=True, text=True, timeout=60,
         )
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout
 
-    install("--workers", "3")
-    unitdir = root / "etc/systemd/system"
+    def install(self, *args: str, env: dict[str, str] | None = None) -> str:
+        result = self.run(*args, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout + result.stderr
+
+    def refused(self, *args: str, env: dict[str, str] | None = None) -> str:
+        before = self.state()
+        result = self.run(*args, env=env)
+        assert result.returncode != 0, result.stdout + result.stderr
+        assert self.state() == before, "a refused run must change nothing"
+        return result.stderr
+
+    def wants(self, target: str) -> list[str]:
+        d = self.unitdir / f"{target}.wants"
+        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+    def enabled(self) -> tuple[list[str], list[str]]:
+        """(hub shards, workers) enabled here."""
+        return self.wants(HUBS_TARGET), self.wants(TARGET)
+
+    def settings(self) -> dict[str, str]:
+        return read_env_file(self.env_file.read_text())
+
+    def edit(self, **changes: str) -> None:
+        text = self.env_file.read_text()
+        for key, val in changes.items():
+            text, n = re.subn(rf"^#?{key}=.*$", f"{key}={val}", text, count=1, flags=re.MULTILINE)
+            assert n == 1, key
+        self.env_file.write_text(text)
+
+    def state(self) -> dict[str, str]:
+        return {str(p.relative_to(self.root)): os.readlink(p) if p.is_symlink() else p.read_text()
+                for p in sorted(self.root.rglob("*")) if p.is_symlink() or p.is_file()}
+
+
+def hubs(n: int) -> list[str]:
+    return [f"tidings-hub@{i}.service" for i in range(n)]
+
+
+def workers(n: int) -> list[str]:
+    return sorted(f"tidings-worker@{i}.service" for i in range(n))
+
+
+@needs_install_tools
+def test_install_script_stages_everything_and_is_idempotent(tmp_path: Path) -> None:
+    staged = Staged(tmp_path)
+    root, unitdir, env_file, venv = staged.root, staged.unitdir, staged.env_file, staged.venv
+    staged.install("--workers", "3")
     for name in UNITS:
         text = (unitdir / name).read_text()
-        assert DEFAULT_BIN not in text and (name == TARGET or f"{venv}/bin/tidings" in text)
-    env_file = root / "etc/tidings/tidings.env"
+        assert DEFAULT_BIN not in text and (name in TARGETS or f"{venv}/bin/tidings" in text)
+    assert not (unitdir / OLD_HUB).exists()
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o640
     assert stat.S_IMODE(env_file.parent.stat().st_mode) == 0o750
     env = read_env_file(env_file.read_text())
     assert len(env["TIDINGS_JWT_SECRET"]) >= 32 and len(env["TIDINGS_API_KEY"]) >= 16
+    assert (env["TIDINGS_ROLE"], env["TIDINGS_HUBS"]) == ("all", "1")
     passwd = (root / "etc/passwd").read_text()
     assert re.search(r"^tidings:x:\d+:\d+:.*:/usr/sbin/nologin$", passwd, re.MULTILINE), passwd
     if os.geteuid() == 0:
         uid, gid = env_file.stat().st_uid, env_file.stat().st_gid
         assert uid == 0 and f"tidings:x:{gid}:" in (root / "etc/group").read_text()
-    wants = unitdir / "tidings.target.wants"
-    assert sorted(p.name for p in wants.iterdir()) == [
-        "tidings-hub.service", "tidings-worker@0.service", "tidings-worker@1.service",
-        "tidings-worker@2.service",
-    ]
+    # One shard, in tidings-hubs.target (which tidings.target wants); the workers in tidings.target.
+    assert staged.enabled() == (hubs(1), workers(3))
     assert (unitdir / "multi-user.target.wants" / TARGET).is_symlink()
+    assert os.readlink(unitdir / f"{HUBS_TARGET}.wants/tidings-hub@0.service") == f"/etc/systemd/system/{HUB}"
     assert (root / "etc/sysctl.d/90-tidings.conf").read_text().count("net.ipv4.tcp_migrate_req = 1") == 1
 
-    out = install("--workers", "2")  # again, with fewer workers
+    out = staged.install("--workers", "2")  # again, with fewer workers
     assert "kept existing" in out
     assert read_env_file(env_file.read_text()) == env, "a second run must keep the keys"
-    assert sorted(p.name for p in wants.iterdir()) == [
-        "tidings-hub.service", "tidings-worker@0.service", "tidings-worker@1.service",
-    ]
+    assert staged.enabled() == (hubs(1), workers(2))
     assert passwd == (root / "etc/passwd").read_text()
+
+
+@needs_install_tools
+def test_install_script_maps_roles_and_shards_to_instances(tmp_path: Path) -> None:
+    for bad in (["--role", "both"], ["--hubs", "0"], ["--hubs", "65"], ["--hubs", "two"]):
+        assert "error" in Staged(tmp_path / "bad" / bad[1]).refused(*bad)
+
+    # A hub host: shards only. The options go into the new env file...
+    staged = Staged(tmp_path / "hubs")
+    out = staged.install("--role", "hubs", "--hubs", "2", "--workers", "3")
+    assert "--workers 3 ignored" in out
+    assert staged.enabled() == (hubs(2), [])
+    assert (staged.settings()["TIDINGS_ROLE"], staged.settings()["TIDINGS_HUBS"]) == ("hubs", "2")
+    assert "role hubs, but the hub endpoints are ipc://" in out, "a hubs-only host on ipc:// reaches no other host"
+    assert (staged.unitdir / "multi-user.target.wants" / TARGET).is_symlink()
+    # ...which the next run reads: no options needed, and different ones are refused, not applied.
+    staged.install()
+    assert staged.enabled() == (hubs(2), [])
+    assert "TIDINGS_HUBS=2" in staged.refused("--hubs", "3")
+    assert "TIDINGS_ROLE=hubs" in staged.refused(env={"TIDINGS_ROLE": "workers"})
+    # The operator edits the file (every host at once, for the shard count); the units follow.
+    staged.edit(TIDINGS_HUBS="3")
+    staged.install("--hubs", "3")
+    assert staged.enabled() == (hubs(3), [])
+    staged.edit(TIDINGS_ROLE="workers")
+    staged.install("--workers", "2")
+    assert staged.enabled() == ([], workers(2)), "a workers-only host runs no shard"
+    staged.edit(TIDINGS_ROLE="all", TIDINGS_HUBS="1")
+    staged.install("--workers", "2")
+    assert staged.enabled() == (hubs(1), workers(2))
+
+    # A worker host, set up from the environment (the options' twins).
+    staged = Staged(tmp_path / "workers")
+    staged.install("--workers", "2", env={"TIDINGS_ROLE": "workers", "TIDINGS_HUBS": "3"})
+    assert staged.enabled() == ([], workers(2))
+    assert (staged.settings()["TIDINGS_ROLE"], staged.settings()["TIDINGS_HUBS"]) == ("workers", "3")
+    # Every unit file is there whatever the role: a worker Wants= tidings-hubs.target.
+    assert all((staged.unitdir / name).is_file() for name in UNITS)
+
+    staged = Staged(tmp_path / "none")
+    staged.install("--hubs", "2", "--no-enable")
+    assert staged.enabled() == ([], []) and staged.settings()["TIDINGS_HUBS"] == "2"
+
+
+OLD_HUB_UNIT = """[Unit]
+Description=tidings hub (event broker)
+PartOf=tidings.target
+
+[Service]
+ExecStart=/opt/tidings/venv/bin/tidings hub
+
+[Install]
+WantedBy=tidings.target
+"""
+
+
+@needs_install_tools
+def test_install_script_migrates_the_single_hub_unit(tmp_path: Path) -> None:
+    """An install from before the shards: tidings-hub.service enabled in tidings.target, with a
+    drop-in from `systemctl edit tidings-hub`."""
+    staged = Staged(tmp_path / "a")
+    staged.install("--workers", "1")
+    unitdir = staged.unitdir
+    (unitdir / OLD_HUB).write_text(OLD_HUB_UNIT)
+    for command in (["disable", "tidings-hub@0.service"], ["enable", OLD_HUB]):
+        subprocess.run(["systemctl", f"--root={staged.root}", *command, "--quiet"], check=True, timeout=30)
+    assert staged.enabled() == ([], sorted([OLD_HUB, *workers(1)]))
+    (unitdir / f"{OLD_HUB}.d").mkdir()
+    (unitdir / f"{OLD_HUB}.d" / "override.conf").write_text("[Service]\nMemoryMax=4G\n")
+
+    out = staged.install("--workers", "1")
+    assert f"removed {OLD_HUB}" in out
+    assert not (unitdir / OLD_HUB).exists() and not (unitdir / f"{OLD_HUB}.d").exists()
+    assert not [p for p in unitdir.rglob(OLD_HUB)], "no link may point at the removed unit"
+    assert (unitdir / f"{HUB}.d" / "override.conf").read_text() == "[Service]\nMemoryMax=4G\n"
+    assert staged.enabled() == (hubs(1), workers(1))
+    assert f"removed {OLD_HUB}" not in staged.install("--workers", "1"), "migrated once"
+
+    # Drop-ins for both: the template's are kept, the old ones left for the operator to merge.
+    staged = Staged(tmp_path / "b")
+    staged.install("--workers", "1")
+    (staged.unitdir / OLD_HUB).write_text(OLD_HUB_UNIT)
+    for d in (f"{OLD_HUB}.d", f"{HUB}.d"):
+        (staged.unitdir / d).mkdir()
+        (staged.unitdir / d / "override.conf").write_text(f"# {d}\n")
+    out = staged.install("--workers", "1")
+    assert "merge them by hand" in out and not (staged.unitdir / OLD_HUB).exists()
+    assert (staged.unitdir / f"{HUB}.d" / "override.conf").read_text() == f"# {HUB}.d\n"
+
+
+@needs_core
+@needs_install_tools
+def test_install_script_checks_the_configuration(tmp_path: Path) -> None:
+    """With a real tidings behind the venv, install.sh shows each shard's endpoints and warns about
+    what the services would refuse: endpoint lists that do not match TIDINGS_HUBS, tcp:// without
+    keys, key files this role needs and lacks."""
+    staged = Staged(tmp_path, real_tidings=True)
+    out = staged.install("--hubs", "2", "--workers", "1")
+    assert "hub 1: ingress ipc:///run/tidings/hub-1/ingress" in out and "warning" not in out, out
+    staged.edit(TIDINGS_HUB_INGRESS="tcp://10.0.0.11:5561")
+    out = staged.install()
+    assert "TIDINGS_HUB_INGRESS lists 1 endpoint(s) but TIDINGS_HUBS is 2" in out
+    assert "tcp:// hub endpoints without TIDINGS_HUB_KEYS" in out
+    staged.edit(TIDINGS_HUB_INGRESS="tcp://10.0.0.11:5561,tcp://10.0.0.12:5561", TIDINGS_HUB_KEYS="/etc/tidings/keys")
+    out = staged.install()
+    assert "lacks hub.key_secret hub.key host.key_secret for role all" in out, out
+    keys = staged.root / "etc/tidings/keys"
+    keys.mkdir()
+    for name in ("hub.key", "hub.key_secret", "host.key", "host.key_secret"):
+        (keys / name).write_text("")
+    assert "warning" not in staged.install(), "a list with one endpoint per shard, keys in place"
 
 
 # -- 4. the ExecStart= lines, run the way systemd would -------------------------------------------
@@ -537,6 +766,7 @@ class UnitRunner:
         self.procs: list[Proc] = []
 
     def start(self, name: str, instance: str = "", tracer: list[str] | None = None) -> Proc:
+        assert instance or not name.endswith("@.service"), f"{name} is a template: which instance?"
         unit = self.units[name]
         env = {  # systemd's environment for a system service with User=
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin",
@@ -641,7 +871,7 @@ def runner(service_root: Path) -> Iterator[UnitRunner]:
 @needs_core
 def test_exec_start_lines_run_outside_systemd(runner: UnitRunner) -> None:
     notify = runner.notify
-    hub = runner.start(HUB)
+    hub = runner.start(HUB, "0")
     notify.wait_for(hub.pid, "READY=1", 30, proc=hub)
     workers = [runner.start(WORKER, str(i)) for i in range(2)]
     for w in workers:
@@ -667,7 +897,8 @@ def test_exec_start_lines_run_outside_systemd(runner: UnitRunner) -> None:
         assert '"pong"' in ws.recv()
 
         # KillSignal=: STOPPING=1, clients closed with 1001, exit 0 within TimeoutStopSec=
-        # (workers first: they are ordered After= the hub, so systemd stops them first).
+        # (workers first: they are ordered after tidings-hubs.target, which is after the shards, so
+        # systemd stops them first).
         for w in workers:
             assert runner.stop(w, WORKER) == 0, w.log()
         assert websocket_close_code(ws, 10) == 1001
@@ -704,7 +935,7 @@ def test_reload_rotates_a_public_key_without_dropping_clients(service_root: Path
 
     settings = {"TIDINGS_JWT_SECRET": "", "TIDINGS_JWT_ALGORITHM": "ES256", "TIDINGS_JWT_PUBLIC_KEY": str(public)}
     with unit_runner(service_root, settings) as runner:
-        hub = runner.start(HUB)
+        hub = runner.start(HUB, "0")
         runner.notify.wait_for(hub.pid, "READY=1", 30, proc=hub)
         worker = runner.start(WORKER, "0")
         runner.notify.wait_for(worker.pid, "READY=1", 30, proc=worker)
@@ -729,6 +960,109 @@ def test_reload_rotates_a_public_key_without_dropping_clients(service_root: Path
             assert '"pong"' in client.recv()
         finally:
             client.close()
+
+
+def recv_until(ws: Any, text: str, timeout: float = 10) -> str:
+    """Messages until one holds `text` (others, like positions, may come first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ws.settimeout(max(0.1, deadline - time.monotonic()))
+        message = str(ws.recv())
+        if text in message:
+            return message
+    raise AssertionError(f"no message with {text!r} within {timeout}s")
+
+
+def wait_for_log(proc: Proc, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in proc.log():
+        assert time.monotonic() < deadline, f"{proc.name} never logged {text!r}:\n{proc.log()}"
+        time.sleep(0.05)
+
+
+@needs_core
+def test_hub_shards_share_runtime_and_state_dirs_and_reload_their_keys(service_root: Path) -> None:
+    """tidings-hub@0 and @1 on one host: each binds its own ipc:// endpoints in the shared
+    RuntimeDirectory= and writes its own journal in the shared StateDirectory=; a worker links to
+    both (CURVE keys, this host admitted) and serves a channel of each. A publisher on another
+    host is refused until its key is in authorized/ and ExecReload= has told the shards."""
+    from hub.publisher import HubUnavailable, Publisher
+    from hub.shards import shard_of
+    from tidings.config import Config
+    from tidings.links import generate
+
+    state = service_root / "state"  # plays /var/lib/tidings (StateDirectory=, shared by the shards)
+    keys = service_root / "keys"  # plays /etc/tidings/keys on a host with both roles
+    generate(keys, hub=True)
+    other = service_root / "other-host"  # a publishing host's key directory
+    generate(other, hub=False)
+    shutil.copyfile(keys / "hub.key", other / "hub.key")
+    settings = {"TIDINGS_HUBS": "2", "TIDINGS_HISTORY_PERSIST": "1", "TIDINGS_STATE_DIR": str(state),
+                "TIDINGS_HUB_KEYS": str(keys)}
+    with unit_runner(service_root, settings) as runner:
+        state.mkdir(mode=0o750)
+        if runner.account:  # what systemd does for StateDirectory=; the keys as the operator hands them over
+            for path in (state, keys, *keys.rglob("*")):
+                os.chown(path, *runner.account)
+        shards = [runner.start(HUB, str(i)) for i in range(2)]
+        for shard in shards:
+            runner.notify.wait_for(shard.pid, "READY=1", 30, proc=shard)
+        worker = runner.start(WORKER, "0")
+        runner.notify.wait_for(worker.pid, "READY=1", 30, proc=worker)  # linked to both shards
+        for i in range(2):
+            assert (runner.runtime_dir / f"hub-{i}" / "ingress").exists()
+
+        channels: dict[int, str] = {}  # shard -> a channel it owns
+        n = 0
+        while len(channels) < 2:
+            channels.setdefault(shard_of(f"conversation:c{n}".encode(), 2), f"conversation:c{n}")
+            n += 1
+        ws = runner.connect(runner.token(channels=["conversation:*"]))
+        try:
+            assert '"connected"' in ws.recv()
+            for i, channel in channels.items():
+                ws.send(f'{{"type":"subscribe","id":"{i}","data":{{"channel":"{channel}"}}}}')
+                recv_until(ws, '"subscribed"')
+            for channel in channels.values():
+                body = f'{{"channel":"{channel}","type":"chat_message","data":{{}}}}'.encode()
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{runner.api_port}/api/publish", data=body, method="POST",
+                    headers={"Authorization": f"Bearer {runner.api_key}", "Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=5) as r:
+                    assert r.status == 200
+                assert channel in recv_until(ws, '"chat_message"')
+
+            other_config = Config.load(environ={"TIDINGS_HUBS": "2", "TIDINGS_RUNTIME_DIR": str(runner.runtime_dir),
+                                                "TIDINGS_HUB_KEYS": str(other)})
+
+            def publish_from_the_other_host() -> None:
+                with Publisher.from_config(other_config, send_timeout_ms=300, reply_timeout_ms=1000) as pub:
+                    pub.broadcast_confirmed(list(channels.values()), "other_host", {})
+
+            with pytest.raises(HubUnavailable):
+                publish_from_the_other_host()
+            for shard in shards:  # refused for its key, not for anything else
+                wait_for_log(shard, "is not in " + str(keys / "authorized"), 5)
+            admitted = keys / "authorized" / "other-host.key"
+            shutil.copyfile(other / "host.key", admitted)
+            if runner.account:
+                os.chown(admitted, *runner.account)
+            for shard in shards:
+                runner.reload(shard, HUB)
+            for i, shard in enumerate(shards):
+                wait_for_log(shard, f"hub {i} reloaded the authorized keys: 2 admitted", 10)
+            publish_from_the_other_host()
+            for _ in channels:
+                recv_until(ws, '"other_host"')
+        finally:
+            with contextlib.suppress(Exception):
+                ws.close()
+        assert runner.stop(worker, WORKER) == 0, worker.log()
+        for shard in shards:
+            assert runner.stop(shard, HUB) == 0, shard.log()
+    journals = sorted(p.name for p in state.iterdir() if p.name.endswith(".journal"))
+    assert journals == ["history-0.journal", "history-1.journal"], sorted(p.name for p in state.iterdir())
 
 
 @functools.cache
@@ -767,12 +1101,32 @@ def traced_syscalls(summary: Path) -> set[str]:
     return names
 
 
+@pytest.fixture(params=["ipc", "curve"])
+def syscall_runner(request: pytest.FixtureRequest, service_root: Path) -> Iterator[UnitRunner]:
+    """The plain runner, or one whose hub links use CURVE keys: key files read, the hub's ZAP
+    thread, authorized/ re-read on reload."""
+    if request.param == "ipc":
+        with unit_runner(service_root) as run:
+            yield run
+        return
+    from tidings.links import generate
+
+    keys = service_root / "keys"
+    generate(keys, hub=True)
+    with unit_runner(service_root, {"TIDINGS_HUB_KEYS": str(keys)}) as run:
+        if run.account:
+            for path in (keys, *keys.rglob("*")):
+                os.chown(path, *run.account)
+        yield run
+
+
 @needs_core
 @needs_analyze
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed: `apt-get install strace`")
-def test_every_syscall_made_is_allowed_by_the_units_filter(runner: UnitRunner) -> None:
+def test_every_syscall_made_is_allowed_by_the_units_filter(syscall_runner: UnitRunner) -> None:
     """SystemCallFilter= cannot be applied without systemd, so trace what the processes really call
     (start, a client, publishes both ways, /metrics, a refused token, reload, drain) and compare."""
+    runner = syscall_runner
     traces = runner.root / "traces"  # strace runs as the service user: it must write here
     traces.mkdir()
     if runner.account:
@@ -782,7 +1136,7 @@ def test_every_syscall_made_is_allowed_by_the_units_filter(runner: UnitRunner) -
     def tracer(name: str) -> list[str]:
         return ["strace", "-f", "-qq", "-c", "-o", str(summaries[name])]
 
-    hub = runner.start(HUB, tracer=tracer(HUB))
+    hub = runner.start(HUB, "0", tracer=tracer(HUB))
     worker = runner.start(WORKER, "0", tracer=tracer(WORKER))
     ws = runner.connect(runner.token(channels=["conversation:*"], publish=["conversation:*"]))
     bad = runner.connect("not-a-token")
@@ -808,6 +1162,8 @@ def test_every_syscall_made_is_allowed_by_the_units_filter(runner: UnitRunner) -
         for p, name in ((hub, HUB), (worker, WORKER)):
             runner.reload(p, name)
         time.sleep(1.5)  # a watchdog tick or two
+        if read_env_file(runner.env_file.read_text()).get("TIDINGS_HUB_KEYS"):
+            assert "reloaded the authorized keys" in hub.log(), hub.log()
         assert runner.stop(worker, WORKER) == 0, worker.log()
         assert runner.stop(hub, HUB) == 0, hub.log()
     finally:
