@@ -43,8 +43,8 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "confirmed_publishes": ("tidings_confirmed_publishes_total", "publishes the hub stamped and answered", ()),
     "hub_links": ("tidings_hub_link_events_total", "worker links at the hubs: up, lost (closed or heartbeat "
                   "timeout), refused (handshake: unknown key, not CURVE)", ("event",)),
-    "worker_hub_links": ("tidings_worker_hub_link_events_total", "a worker's links to each hub shard going up "
-                         "or lost", ("shard", "event")),
+    "worker_hub_links": ("tidings_worker_hub_link_events_total", "a worker's links to each hub shard going up, "
+                         "lost, or refused (handshake)", ("shard", "event")),
 }
 # stats attribute -> (metric name, help). Gauges are summed over live processes.
 GAUGES: dict[str, tuple[str, str]] = {

@@ -15,6 +15,7 @@ connection is up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,17 @@ DRAIN_BATCH = 128  # hub messages per pass: enough to coalesce writes; a bigger 
 DRAIN_BYTES = 1 << 20  # ... and at most about this many payload bytes, so a batch stays small
 PUSH_HWM = 10_000  # publishes queued towards the hub before `publish` replies internal_error
 RECONNECT_MAX_MS = 1000  # cap on ZeroMQ's reconnect backoff: the hub is back within a second
+# ZeroMQ does not redial a hub that refused the handshake (unknown CURVE key): we do, this often,
+# so admitting the host's key at the hub (authorized/ + SIGHUP) is enough to bring it in.
+REDIAL_AFTER_REFUSAL_SECONDS = 5.0
+LINK_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+REFUSALS = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the hub refused this host's CURVE key (add its host.key to the hub's "
+                                     "authorized/ and reload the hub)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake failed: the hub speaks CURVE and this host does not, "
+                                         "or hub.key is not the hub's",
+}
 
 class HubBus:
     """The sockets to one hub shard."""
@@ -66,8 +78,12 @@ class HubBus:
         self.dealer.setsockopt(zmq.RCVHWM, REPLY_HWM)
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
-        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        # "Up" is a finished ZMTP handshake (with CURVE: the hub proved its key and admitted ours),
+        # not a TCP connect.
+        self.monitor = self.sub.get_monitor_socket(LINK_EVENTS)
         self.connected = False
+        self.refused: Callable[[int, str], None] | None = None  # told when the hub refuses the handshake
+        self._redial: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._drain_scheduled = False
         self._replies_scheduled = False
@@ -93,6 +109,8 @@ class HubBus:
         loop.call_soon(self.drain_replies)
 
     def close(self) -> None:
+        if self._redial is not None:
+            self._redial.cancel()
         if self.loop is not None and not self.sub.closed:
             self.loop.remove_reader(self.sub.getsockopt(zmq.FD))
             self.loop.remove_reader(self.monitor.getsockopt(zmq.FD))
@@ -156,7 +174,13 @@ class HubBus:
                 event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
-            up = event["event"] == zmq.EVENT_CONNECTED
+            kind = event["event"]
+            if kind not in (zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED):
+                if self.refused is not None:
+                    self.refused(self.shard, REFUSALS.get(kind, "the handshake failed"))
+                self._schedule_redial()
+                continue
+            up = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
             if up != self.connected:
                 self.connected = up
                 self.on_hub_state(self.shard, up)
@@ -164,6 +188,20 @@ class HubBus:
         if self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             assert self.loop is not None
             self.loop.call_soon(self._drain_monitor)
+
+    def _schedule_redial(self) -> None:
+        if self._redial is None and self.loop is not None:
+            self._redial = self.loop.call_later(REDIAL_AFTER_REFUSAL_SECONDS, self._dial_again)
+
+    def _dial_again(self) -> None:
+        self._redial = None
+        if self.sub.closed:
+            return
+        for sock, endpoint in ((self.sub, self.egress), (self.push, self.ingress), (self.dealer, self.requests)):
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disconnect(endpoint)
+            sock.connect(endpoint)  # the SUB re-sends its subscriptions on the new connection
+        self._recheck()
 
     def drain_replies(self) -> None:
         self._replies_scheduled = False

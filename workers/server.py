@@ -57,7 +57,7 @@ from tidings.sdnotify import Notifier
 from workers import errors
 from workers.api import PublishAPI
 from workers.auth import AuthFailure, Claims, TokenVerifier
-from workers.bus import HubBus, HubShards
+from workers.bus import REDIAL_AFTER_REFUSAL_SECONDS, HubBus, HubShards
 from workers.channels import Channel, ChannelRegistry, PendingJoin
 from workers.connection import ClientConnection, EchoConnection, FramedConnection, RejectedConnection, text_frame
 from workers.errors import CloseReason, ReplyCode, RequestError
@@ -79,6 +79,11 @@ from workers.recovery import ChannelRecovery, Outcome, Waiter, WaiterKind
 from workers.writer import LoopPassWriter
 
 TICK_SECONDS = 1.0  # housekeeping period: expiry precision and metrics freshness
+# A worker is ready once it is linked to every hub shard, or this long after it listens with some
+# still away (a shard down must not keep a restarted worker from serving the others' channels,
+# nor make systemd's start timeout kill it in a loop).
+READY_WITHOUT_EVERY_HUB_SECONDS = 10.0
+REFUSAL_LOG_SECONDS = 30.0  # a refused hub link is retried every few seconds: say so once in a while
 IDLE_SWEEP_SECONDS = 5.0  # how often every connection's idle time is looked at
 READ_BUFFER_BYTES = 1024  # picows allocates max(this, 2048) per connection up front (2.3.1); it grows for big frames
 FD_WARN_FRACTION = 0.9  # warn when connections reach this share of RLIMIT_NOFILE
@@ -103,6 +108,9 @@ class Worker:
         self.limits = SessionLimits.from_config(config)
         self.loop = asyncio.get_running_loop()
         self.hubs = HubShards(config, keys_for(config), self.on_hub_messages, self.on_hub_state, self.on_hub_reply)
+        for bus in self.hubs.buses:
+            bus.refused = self.on_hub_refused
+        self.refusal_log = RateLimitedLog(log, REFUSAL_LOG_SECONDS)
         self.channels = ChannelRegistry(self.hubs.subscribe, self.hubs.unsubscribe)
         self.connections: dict[ClientConnection, None] = {}
         self.echo_connections: set[EchoConnection] = set()
@@ -169,6 +177,7 @@ class Worker:
             self._watchdog()
         self.listening = True
         self._check_ready()
+        self.loop.call_later(READY_WITHOUT_EVERY_HUB_SECONDS, self._ready_without_every_hub)
 
     async def run(self) -> int:
         await self.start()
@@ -180,6 +189,16 @@ class Worker:
             self.ready = True
             self.notifier.ready(self.status_line())
             self.log.info("worker %d ready", self.index)
+
+    def _ready_without_every_hub(self) -> None:
+        if self.ready or self.stopping or not self.listening:
+            return
+        away = [str(bus.shard) for bus in self.hubs.buses if not bus.connected]
+        self.log.warning("worker %d serving without hub shard(s) %s after %.0fs: their channels refuse subscribes "
+                         "and publishes until they link", self.index, ",".join(away),
+                         READY_WITHOUT_EVERY_HUB_SECONDS)
+        self.ready = True
+        self.notifier.ready(self.status_line())
 
     def begin_shutdown(self) -> None:
         if self.stopping:
@@ -581,10 +600,11 @@ class Worker:
             return sent
         records, _ = read_ingress(message, len(message))  # built by this worker: well formed
         failed = 0
-        groups = split_by_shard(zip(records, publishers, strict=True), self.hubs.count)
+        groups = split_by_shard(((topic, (body, publisher)) for (topic, body), publisher
+                                 in zip(records, publishers, strict=True)), self.hubs.count)
         for shard, group in groups.items():
-            part = b"".join(ingress_record(topic, body) for (topic, body), _ in group)
-            who = [p for _, p in group]
+            part = b"".join(ingress_record(topic, body) for topic, (body, _) in group)
+            who = [publisher for _, (_, publisher) in group]
             if not self.publish_confirmed(self.hubs.buses[shard], part,
                                           lambda frames, who=who: self._answer_publishes(who, frames)):
                 failed += len(who)
@@ -723,6 +743,12 @@ class Worker:
                              "stay connected, its channels' publishes and new subscribes are refused until it is "
                              "back", self.index, shard, bus.egress, self.config.hub_heartbeat * 3)
             self.channels.hub_lost(lambda topic: self.hubs.for_topic(topic) is bus)
+
+    def on_hub_refused(self, shard: int, why: str) -> None:
+        self.stats.worker_hub_links[(str(shard), "refused")] += 1
+        self.refusal_log.warning(self.loop.time(), "worker %d cannot link to hub %d (%s): %s; trying again every "
+                                 "%.0fs", self.index, shard, self.hubs.buses[shard].egress, why,
+                                 REDIAL_AFTER_REFUSAL_SECONDS)
 
     def on_hub_messages(self, batch: list[bytes]) -> None:
         """The fan-out hot path. Per event: add a frame header to the payload the hub built, once.
