@@ -288,14 +288,7 @@ async def settled(watchers: Sequence[Watcher], expected: dict[str, list[str]],
                     assert by_mark[mark].position == position, (w, ch, mark)
 
 
-CLIENT_PUBLISH_SPLIT_BUG = (
-    "workers/server.py push_publishes with TIDINGS_HUBS > 1 passes ((topic, body), publisher) pairs to "
-    "split_by_shard, which reads item[0] as the topic: TypeError in LoopPassWriter.flush, the publish is "
-    "dropped and the client never gets an answer")
-
-
-@pytest.mark.parametrize("hubs", [1, pytest.param(2, marks=pytest.mark.xfail(strict=True,
-                                                                              reason=CLIENT_PUBLISH_SPLIT_BUG))])
+@pytest.mark.parametrize("hubs", [1, 2])
 def test_client_publish_reaches_both_hosts_and_fails_fast_on_a_dead_shard(net: Network, keyring: Keyring,
                                                                           tmp_path: Path, hubs: int) -> None:
     """A client's publish over WebSocket (token with a `publish` claim) on either worker host is
@@ -345,26 +338,32 @@ def test_client_publish_reaches_both_hosts_and_fails_fast_on_a_dead_shard(net: N
 
 # -- CURVE ---------------------------------------------------------------------------------------------------
 def test_curve_admits_only_authorized_keys(net: Network, keyring: Keyring, tmp_path: Path) -> None:
-    """A hub admits exactly the public keys in its authorized/: a worker host whose key is not
-    there is refused (and named in the hub's log) and never receives an event; a publisher with
-    an unknown key, a plain tcp:// publisher (TIDINGS_HUB_INSECURE=1, no keys) and a plain SUB
-    socket get nothing through, in or out. The first event a legitimate publisher stamps then
-    has offset 1: none of the refused publishes was stamped. Adding the worker's key and sending
-    SIGHUP makes the hub admit it; the worker is restarted to show that, because a worker refused
-    once does not redial by itself (see the xfail test below)."""
+    """A hub admits exactly the public keys in its authorized/.
+
+    - A worker host whose key is not there is refused: the hub names the key in its log, the
+      worker says so too, is not linked (a TCP connect is not a link) and not ready (/healthz 503,
+      so no load balancer sends it clients), its clients cannot subscribe and it never receives an
+      event.
+    - A publisher with an unknown key, a plain tcp:// publisher (TIDINGS_HUB_INSECURE=1, no keys,
+      Python and CLI) and a plain SUB socket get nothing through, in or out; the first event a
+      legitimate publisher then stamps has offset 1, so none of the refused publishes was stamped.
+    - Adding the worker's key to authorized/ and sending the hub SIGHUP admits the running worker
+      (it redials a hub that refused it), which then delivers events."""
     cluster = start_cluster(net, keyring, tmp_path, hubs=1, authorized=("w1", "pub"), workers=("w1",))
     hub = cluster.hub_procs[0]
     channel = "conversation:curve"
-    rogue_worker = cluster.start_worker("w2", wait=False)
+    refused = cluster.start_worker("w2", wait=False)
     hub.wait_for(rf"refused a hub link: CURVE key {re.escape(public_key(cluster.keys['w2']))} is not in")
-    rogue_worker.wait_for(r"serving ws://")
+    refused.wait_for(r"refused this host's CURVE key")
+    refused.wait_for(r"serving ws://")
     status, health = cluster.api("w2", "/healthz")
-    assert health["hub"] is False and health["hubs_down"] == 1, (status, health)
+    assert (status, health["ready"], health["hub"], health["hubs_down"]) == (503, False, False, 1), health
+    assert not refused.seen(r"linked to hub"), refused.log()
     # Its clients cannot subscribe: the worker has no hub to subscribe at.
     stranger, hello = connect(f"{cluster.ws_url('w2')}?token={cluster.token('stranger', channels=PATTERNS)}")
     assert "offset" not in hello["data"]["personal"], hello  # no position: the hub never answered
-    refused = stranger.subscribe(channel)
-    assert refused["type"] == "error" and refused["data"]["code"] == "subscription_failed", refused
+    answer = stranger.subscribe(channel)
+    assert answer["type"] == "error" and answer["data"]["code"] == "subscription_failed", answer
 
     async def body() -> None:
         async with Watcher(cluster, "w1", "insider", [channel]) as insider:
@@ -384,13 +383,16 @@ def test_curve_admits_only_authorized_keys(net: Network, keyring: Keyring, tmp_p
                 spy.setsockopt(zmq.LINGER, 0)
                 mark = hub.mark()
                 spy.connect(cluster.egress[0])
-                await asyncio.to_thread(hub.wait_for, r"refused a link on .*: not a CURVE peer", after=mark)
+                # Usually "not a CURVE peer"; when the plain peer notices the mismatch first and hangs
+                # up, libzmq reports no detail to the hub (and the peer does not redial).
+                await asyncio.to_thread(hub.wait_for, r"refused a link on \S+: (not a CURVE peer|handshake failed)",
+                                        after=mark)
                 async with Backend(cluster) as backend:
                     pos = await backend.run(Publisher.publish, channel, "chat_message", {"m": "legit"}, True)
                 assert pos is not None and pos.offset == 1, pos  # nothing refused was ever stamped
                 await until(lambda: len(insider.events(channel)) == 1, "the legitimate event")
                 assert insider.events(channel)[0].data == {"m": "legit"}
-                assert spy.poll(500) == 0, "a plain SUB socket received something"
+                assert await asyncio.to_thread(spy.poll, 500) == 0, "a plain SUB socket received something"
             finally:
                 spy.close(0)
                 ctx.term()
@@ -398,28 +400,26 @@ def test_curve_admits_only_authorized_keys(net: Network, keyring: Keyring, tmp_p
         stranger.close()
         await until(lambda: metric_value(cluster.hub_metrics(), "tidings_hub_link_events_total",
                                          'event="refused"') >= 2, "refusals counted at the hub", 5)
-        assert metric_value(cluster.metrics("w2"), "tidings_worker_events_in_total") == 0
+        metrics = await asyncio.to_thread(cluster.metrics, "w2")
+        assert metric_value(metrics, "tidings_worker_events_in_total") == 0
+        assert metric_value(metrics, "tidings_worker_hub_link_events_total", 'event="refused"') >= 1
 
-    run(body)
-
-    # Admit the worker: its key into authorized/, SIGHUP, and the hub takes it from the next handshake.
-    authorize(cluster.keys["hub"], cluster.keys["w2"], "w2")
-    mark = hub.mark()
-    hub.signal(signal.SIGHUP)
-    hub.wait_for(r"reloaded the authorized keys: 3 admitted", after=mark)
-    rogue_worker.kill()
-    admitted = cluster.start_worker("w2")
-    hub.wait_for(r"worker link from .* up", after=mark)
-    assert cluster.api("w2", "/healthz")[1]["hub"] is True
-    assert not admitted.seen(r"lost hub")
-
-    async def delivered() -> None:
+        # Admit the worker: its key into authorized/ and SIGHUP; the hub checks the next handshake.
+        authorize(cluster.keys["hub"], cluster.keys["w2"], "w2")
+        mark, worker_mark = hub.mark(), refused.mark()
+        reloaded = time.monotonic()
+        hub.signal(signal.SIGHUP)
+        await asyncio.to_thread(hub.wait_for, r"reloaded the authorized keys: 3 admitted", after=mark)
+        linked = await asyncio.to_thread(refused.wait_for, r"linked to hub 0", after=worker_mark, timeout=15)
+        print(f"\nhub reloaded authorized/ -> the refused worker linked {linked - reloaded:.3f}s later, no restart")
+        status, health = await asyncio.to_thread(cluster.api, "w2", "/healthz")
+        assert (status, health["ready"], health["hub"]) == (200, True, True), health
         async with Watcher(cluster, "w2", "admitted", [channel]) as watcher, Backend(cluster) as backend:
             pos = await backend.run(Publisher.publish, channel, "chat_message", {"m": "welcome"}, True)
             await until(lambda: len(watcher.events(channel)) == 1, "the event on the admitted worker")
             assert watcher.events(channel)[0].position == (pos.offset, pos.epoch)
 
-    run(delivered)
+    run(body)
 
 
 # -- faults ------------------------------------------------------------------------------------------------
@@ -690,44 +690,6 @@ def test_the_hub_logs_a_worker_link_up_and_lost_with_its_address(net: Network, k
     mark = hub.mark()
     cluster.workers["w2"].kill()
     hub.wait_for(rf"worker link from {w2_ip}:\d+ lost", after=mark, timeout=DETECT_BOUND)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "workers/bus.py HubBus watches only EVENT_CONNECTED/EVENT_DISCONNECTED of its SUB socket: the TCP connect counts "
-    "as 'linked to hub' before the CURVE handshake, so workers/server.py _check_ready latches ready=True for a "
-    "worker the hub refuses"))
-def test_a_refused_worker_is_never_ready(net: Network, keyring: Keyring, tmp_path: Path) -> None:
-    """A worker whose key the hub refuses has no hub: it must not say it is linked, and /healthz
-    must not call it ready (a load balancer would send clients to it)."""
-    cluster = start_cluster(net, keyring, tmp_path, hubs=1, authorized=("w1", "pub"), workers=())
-    refused = cluster.start_worker("w2", wait=False)
-    cluster.hub_procs[0].wait_for(r"refused a hub link: CURVE key")
-    refused.wait_for(r"serving ws://")
-    status, health = cluster.api("w2", "/healthz")
-    assert not refused.seen(r"linked to hub"), refused.log()
-    assert (status, health["ready"]) == (503, False), health
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "after a ZAP refusal libzmq ends the connecting session (protocol error) and never redials; workers/bus.py does "
-    "not reconnect on its own, so a worker refused once stays unlinked after its key is authorized and the hub "
-    "reloaded, until it is restarted"))
-def test_sighup_admits_a_running_refused_worker(net: Network, keyring: Keyring, tmp_path: Path) -> None:
-    """links.py: authorized/ is re-read on SIGHUP and ZAP runs at each handshake, so adding a
-    refused worker's key and reloading the hub should let the running worker in."""
-    cluster = start_cluster(net, keyring, tmp_path, hubs=1, authorized=("w1", "pub"), workers=())
-    hub = cluster.hub_procs[0]
-    refused = cluster.start_worker("w2", wait=False)
-    hub.wait_for(r"refused a hub link: CURVE key")
-    refused.wait_for(r"serving ws://")
-    authorize(cluster.keys["hub"], cluster.keys["w2"], "w2")
-    mark = hub.mark()
-    hub.signal(signal.SIGHUP)
-    hub.wait_for(r"reloaded the authorized keys: 3 admitted", after=mark)
-    deadline = time.monotonic() + 5
-    while not cluster.api("w2", "/healthz")[1]["hub"]:
-        assert time.monotonic() < deadline, f"not admitted 5 s after the reload:\n{refused.log()}"
-        time.sleep(0.1)
 
 
 @pytest.mark.xfail(strict=True, reason=(
