@@ -1,8 +1,8 @@
 """Hosts for multi-host tests: Linux network namespaces on a bridge, and tidings run across them.
 
-    net = Network.create(["hub", "w1", "w2"])       # pytest.skip(...) when it cannot be built
+    net = Network.create(["hub", "w1", "w2"], tmp_path)   # NetworkUnavailable: skip, with its reason
     try:
-        cluster = Cluster(net, keyring.install(tmp_path), hubs=2)
+        cluster = Cluster(net, keyring.install(tmp_path / "keys"), hubs=2)
         cluster.start_hubs()
         cluster.start_worker("w1")
         ...
@@ -29,6 +29,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -210,8 +211,6 @@ class Network:
     def wait_reachable(self, timeout: float = 10.0) -> None:
         """Until each namespace's address answers from the root namespace (no `ping` here: a TCP
         connect to a closed port answers RST as soon as the path works, which is all we need)."""
-        import socket
-
         for host in self.hosts.values():
             deadline = time.monotonic() + timeout
             while True:

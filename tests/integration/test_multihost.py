@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import pytest
 import zmq
 import zmq.auth
-from tidings_client import Event, Reset, ServerError, TidingsClient
+from tidings_client import Event, Reset, ServerError, Subscription, TidingsClient
 
 from hub import HubUnavailable, Publisher
 from hub.shards import shard_of
@@ -114,9 +114,13 @@ class Watcher:
 
     async def __aenter__(self) -> Watcher:
         self.client.start()
-        for channel in self.channels:
-            subscription = await self.client.subscribe(channel)
-            self._tasks.append(asyncio.create_task(self._collect(channel, subscription)))
+        try:
+            for channel in self.channels:
+                subscription = await self.client.subscribe(channel)
+                self._tasks.append(asyncio.create_task(self._collect(channel, subscription)))
+        except BaseException:
+            await self.__aexit__()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -124,7 +128,7 @@ class Watcher:
             task.cancel()
         await self.client.close()
 
-    async def _collect(self, channel: str, subscription: Any) -> None:
+    async def _collect(self, channel: str, subscription: Subscription) -> None:
         async for item in subscription:
             self.items[channel].append(Seen(time.monotonic(), item))
 
