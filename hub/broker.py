@@ -42,7 +42,7 @@ from hub.envelope import (
 from hub.history import HistoryStore, parse_history_spec
 from hub.persist import HistoryLog
 from tidings.config import Config, ConfigError
-from tidings.links import KeyGate, keys_for, set_heartbeat, warn_if_insecure
+from tidings.links import KeyGate, LinkWatch, keys_for, set_heartbeat, warn_if_insecure
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
 from tidings.sdnotify import Notifier
@@ -61,7 +61,9 @@ TICK_SECONDS = 1.0  # metrics flush, status line, watchdog floor
 # this within that time (otherwise only the channel's next event would show the jump); at most
 # one extra message per active channel per period.
 POSITION_CHECK_SECONDS = 5.0
-# What the hub watches on its XPUB: worker links coming and going, and handshakes it refused.
+REFUSAL_LOG_SECONDS = 10.0  # per socket and peer host
+MAX_REFUSAL_LOGS = 1000  # peer hosts remembered for that; past it the memory starts over
+# What the hub watches on its sockets: links coming and going, and handshakes it refused.
 LINK_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED
                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
@@ -97,16 +99,18 @@ class Broker:
         self.stopping = False
         self.max_body = config.max_message_bytes + MAX_CHANNEL_BYTES + 256  # event JSON around `data`
         self.drop_log = RateLimitedLog(log)
+        self.refusal_logs: dict[tuple[str, str], RateLimitedLog] = {}
         self.ctx = zmq.Context()
         self.ingress = self.ctx.socket(zmq.PULL)
         self.egress = self.ctx.socket(zmq.XPUB)
         self.requests = self.ctx.socket(zmq.ROUTER)
         self.gate: KeyGate | None = None
         self.reload_requested = False
-        # Worker links on the XPUB: fd -> peer address once accepted, and which finished the handshake.
-        self.monitor = self.egress.get_monitor_socket(LINK_EVENTS)
-        self.peers: dict[int, str] = {}
-        self.linked: set[int] = set()
+        # Links on every socket: worker links on the XPUB (counted, logged), and refused
+        # handshakes anywhere (a plain or unknown publisher knocks on the ingress or requests).
+        self.watches = {name: (sock.get_monitor_socket(LINK_EVENTS), LinkWatch())
+                        for name, sock in (("egress", self.egress), ("ingress", self.ingress),
+                                           ("requests", self.requests))}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def bind(self) -> None:
@@ -168,7 +172,9 @@ class Broker:
         poller.register(self.ingress, zmq.POLLIN)
         poller.register(self.egress, zmq.POLLIN)
         poller.register(self.requests, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
+        monitors = {monitor: name for name, (monitor, _) in self.watches.items()}
+        for monitor in monitors:
+            poller.register(monitor, zmq.POLLIN)
         # The watchdog ping rides on the poll loop: a hub stuck anywhere stops sending it.
         tick_every = min(TICK_SECONDS, self.notifier.watchdog_interval or TICK_SECONDS)
         next_tick = time.monotonic() + tick_every
@@ -182,8 +188,9 @@ class Broker:
                 self.drain_ingress()
             if self.requests in ready:
                 self.drain_requests()
-            if self.monitor in ready:
-                self.drain_link_events()
+            for monitor, name in monitors.items():
+                if monitor in ready:
+                    self.drain_link_events(name)
             if self.reload_requested:
                 self.reload_requested = False
                 if self.gate is not None:
@@ -207,8 +214,9 @@ class Broker:
         return 0
 
     def _close(self) -> None:
-        self.egress.disable_monitor()
-        self.monitor.close(0)
+        for sock, (monitor, _) in zip((self.egress, self.ingress, self.requests), self.watches.values(), strict=True):
+            sock.disable_monitor()
+            monitor.close(0)
         if self.gate is not None:
             self.gate.stop()
         self.ingress.close(0)
@@ -222,36 +230,49 @@ class Broker:
     def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
         self.reload_requested = True  # acted on in the loop, not inside a signal handler
 
-    def drain_link_events(self) -> None:
-        """Worker links on the XPUB: logged and counted, so an operator sees a host come and go
-        (a heartbeat timeout shows up here within ~3 heartbeats of the host going silent)."""
+    def drain_link_events(self, name: str) -> None:
+        """Links on one socket: logged and counted, so an operator sees a host come and go (a
+        heartbeat timeout shows up here within ~3 heartbeats of the host going silent) and who
+        was refused."""
+        monitor, watch = self.watches[name]
         while True:
             try:
-                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            kind, fd = event["event"], event["value"]
-            if kind == zmq.EVENT_ACCEPTED:
-                self.peers[fd] = _peer_of(fd)
-            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.linked.add(fd)
-                self.stats.hub_links["up"] += 1
-                self.log.info("hub %d: worker link from %s up", self.shard, self.peers.get(fd, "?"))
-            elif kind == zmq.EVENT_DISCONNECTED:
-                peer = self.peers.pop(fd, "?")
-                if fd in self.linked:
-                    self.linked.discard(fd)
-                    self.stats.hub_links["lost"] += 1
-                    self.log.warning("hub %d: worker link from %s lost (closed, or silent for %.0fs of "
-                                     "heartbeats); its subscriptions are dropped until it reconnects",
-                                     self.shard, peer, self.config.hub_heartbeat * 3)
-            else:  # a handshake failed: wrong mechanism (plain tcp:// peer), bad or unknown key
-                self.peers.pop(fd, None)
+            kind = event["event"]
+            outcome = watch.on_event(kind, event["value"], _peer_of)
+            if outcome is None:
+                continue
+            what, peer = outcome
+            if what == "refused":
                 self.stats.hub_links["refused"] += 1
-                self.drop_log.warning(time.monotonic(), "hub %d refused a link on %s: %s", self.shard,
-                                      event["endpoint"].decode(errors="replace"), _HANDSHAKE_FAILURES.get(
-                                          kind, "handshake failed"))
-            self.stats.hub_peers = len(self.linked)
+                why = _HANDSHAKE_FAILURES.get(kind, "handshake failed (a peer without CURVE, or the wrong hub key)")
+                self._refusal_log(name, peer).warning(
+                    time.monotonic(), "hub %d refused a link from %s on %s (%s): %s", self.shard,
+                    peer, event["endpoint"].decode(errors="replace"), name, why)
+            elif name != "egress":
+                self.log.debug("hub %d: %s link from %s %s", self.shard, name, peer, what)
+            elif what == "up":
+                self.stats.hub_links["up"] += 1
+                self.log.info("hub %d: worker link from %s up", self.shard, peer)
+            else:
+                self.stats.hub_links["lost"] += 1
+                self.log.warning("hub %d: worker link from %s lost (closed, or silent for %.0fs of heartbeats); "
+                                 "its subscriptions are dropped until it reconnects",
+                                 self.shard, peer, self.config.hub_heartbeat * 3)
+            self.stats.hub_peers = len(self.watches["egress"][1].linked)
+
+    def _refusal_log(self, socket_name: str, peer: str) -> RateLimitedLog:
+        """A line per socket and peer host every REFUSAL_LOG_SECONDS: a refused peer redials every
+        second, and one host must not hide another."""
+        key = (socket_name, peer.rsplit(":", 1)[0])
+        found = self.refusal_logs.get(key)
+        if found is None:
+            if len(self.refusal_logs) > MAX_REFUSAL_LOGS:
+                self.refusal_logs.clear()
+            found = self.refusal_logs[key] = RateLimitedLog(self.log, REFUSAL_LOG_SECONDS)
+        return found
 
     # -- the forwarding path -------------------------------------------------------------------
     def send_positions(self) -> None:

@@ -30,6 +30,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,3 +185,41 @@ def generate(directory: Path, *, hub: bool) -> list[Path]:
             shutil.copyfile(host_public, own)
             written.append(own)
     return written
+
+
+class LinkWatch:
+    """The links of one bound socket, from its ZeroMQ monitor events. Pure: the caller reads the
+    monitor and logs what `on_event` returns.
+
+    libzmq reports a connection as ACCEPTED (value: its descriptor), then HANDSHAKE_SUCCEEDED or
+    HANDSHAKE_FAILED_* (value: 0 or an error, not the descriptor), then DISCONNECTED (the
+    descriptor again). A handshake outcome is matched to the oldest accepted connection still
+    waiting for one: handshakes finish in about the order they start, and a rare swap only swaps
+    two addresses in the log, never a count."""
+
+    def __init__(self) -> None:
+        self.peers: dict[int, str] = {}  # descriptor -> peer address, from ACCEPTED on
+        self.waiting: list[int] = []  # accepted, handshake not finished
+        self.linked: set[int] = set()
+
+    def on_event(self, kind: int, value: int, peer_of: Callable[[int], str]) -> tuple[str, str] | None:
+        """("up" | "lost" | "refused", peer address), or None for nothing to report."""
+        if kind == zmq.EVENT_ACCEPTED:
+            self.peers[value] = peer_of(value)
+            self.waiting.append(value)
+            return None
+        if kind == zmq.EVENT_DISCONNECTED:
+            peer = self.peers.pop(value, "?")
+            if value in self.waiting:
+                self.waiting.remove(value)  # closed before its handshake finished
+            if value in self.linked:
+                self.linked.discard(value)
+                return "lost", peer
+            return None
+        fd = self.waiting.pop(0) if self.waiting else None
+        peer = self.peers.get(fd, "?") if fd is not None else "?"
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if fd is not None:
+                self.linked.add(fd)
+            return "up", peer
+        return "refused", peer  # a handshake failed: not CURVE, unknown key, or no detail

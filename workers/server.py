@@ -194,7 +194,7 @@ class Worker:
         if self.ready or self.stopping or not self.listening:
             return
         away = [str(bus.shard) for bus in self.hubs.buses if not bus.connected]
-        self.log.warning("worker %d serving without hub shard(s) %s after %.0fs: their channels refuse subscribes "
+        self.log.warning("worker %d ready without hub shard(s) %s after %.0fs: their channels refuse subscribes "
                          "and publishes until they link", self.index, ",".join(away),
                          READY_WITHOUT_EVERY_HUB_SECONDS)
         self.ready = True

@@ -14,8 +14,6 @@ tests check over loopback is checked here over real TCP between hosts:
   and back (the other host notices nothing, the cut-off one catches up), a slow link (netem).
 
 Detection times are printed (`pytest -s`); assertions bound them by the heartbeat setting only.
-Tests marked xfail pin runtime bugs found while writing these (each reason says where); they
-fail loudly (strict) once the bug is fixed, so the marker goes then.
 """
 
 from __future__ import annotations
@@ -389,8 +387,9 @@ def test_curve_admits_only_authorized_keys(net: Network, keyring: Keyring, tmp_p
                 spy.connect(cluster.egress[0])
                 # Usually "not a CURVE peer"; when the plain peer notices the mismatch first and hangs
                 # up, libzmq reports no detail to the hub (and the peer does not redial).
-                await asyncio.to_thread(hub.wait_for, r"refused a link on \S+: (not a CURVE peer|handshake failed)",
-                                        after=mark)
+                await asyncio.to_thread(
+                    hub.wait_for, r"refused a link from \S+ on \S+ \(\w+\): (not a CURVE peer|handshake failed)",
+                    after=mark)
                 async with Backend(cluster) as backend:
                     pos = await backend.run(Publisher.publish, channel, "chat_message", {"m": "legit"}, True)
                 assert pos is not None and pos.offset == 1, pos  # nothing refused was ever stamped
@@ -558,7 +557,7 @@ def test_a_worker_host_cut_off_and_back(net: Network, keyring: Keyring, tmp_path
       its publish, during the outage too.
     - The w2 worker logs that it lost the hub once three heartbeats went unanswered, and the hub
       drops its end of the link as well (measured from the hub's TCP table: the hub's own log
-      line for it is missing, see the xfail test below); both times are printed.
+      line for it is checked by the link test at the end of this file); both times are printed.
     - After the cable is back, w2 re-links by itself. Its clients come from the root namespace
       over the same cable, so their TCP connections were cut too, but they survive a 3 s outage
       without a reconnect. What they get, observed: the hub's position for the channel is ahead
@@ -676,12 +675,7 @@ def test_a_slow_link_still_delivers_once_in_order(net: Network, keyring: Keyring
     run(body)
 
 
-# -- runtime bugs, pinned ------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "hub/broker.py drain_link_events keys links by the value of EVENT_HANDSHAKE_SUCCEEDED, which libzmq sets to 0 "
-    "(an error code), not the fd that EVENT_ACCEPTED/EVENT_DISCONNECTED carry: the 'up' line says 'from ?', a lost "
-    "link is never logged, tidings_hub_link_events_total{event=lost} never counts and tidings_hub_worker_links "
-    "stays at most 1"))
+# -- the hub names its links ------------------------------------------------------------------------------
 def test_the_hub_logs_a_worker_link_up_and_lost_with_its_address(net: Network, keyring: Keyring,
                                                                  tmp_path: Path) -> None:
     """The hub names each worker link that comes up and each one it loses (kill -9 of the worker:
@@ -696,9 +690,6 @@ def test_the_hub_logs_a_worker_link_up_and_lost_with_its_address(net: Network, k
     hub.wait_for(rf"worker link from {w2_ip}:\d+ lost", after=mark, timeout=DETECT_BOUND)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hub/broker.py monitors only its XPUB (egress) socket: a plain tcp:// publisher refused on the PULL (ingress) "
-    "and ROUTER (requests) sockets is neither logged nor counted in tidings_hub_link_events_total{event=refused}"))
 def test_the_hub_logs_a_refused_plain_publisher(net: Network, keyring: Keyring, tmp_path: Path) -> None:
     """A backend misconfigured with TIDINGS_HUB_INSECURE=1 against a CURVE hub gets HubUnavailable;
     the hub operator should see why in the hub's log, as for a plain SUB socket."""
@@ -707,4 +698,5 @@ def test_the_hub_logs_a_refused_plain_publisher(net: Network, keyring: Keyring, 
     with Publisher.from_config(Config.load(environ=cluster.publisher_env(None)), send_timeout_ms=500) as plain, \
             pytest.raises(HubUnavailable):
         plain.publish("conversation:plain", "chat_message", {}, confirm=True)
-    hub.wait_for(r"not a CURVE peer", timeout=2)
+    root_ip = re.escape(f"{net.prefix}.1")  # publishers run in the root namespace, behind the bridge
+    hub.wait_for(rf"refused a link from {root_ip}:\d+ on tcp://.* \(requests\)", timeout=2)
