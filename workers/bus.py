@@ -130,6 +130,13 @@ class HubBus:
         self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
         self._recheck()
 
+    def poke(self) -> None:
+        """Look at both sockets again (from the worker's 1 s tick). Their FDs are edge-triggered and
+        many calls can consume an edge; each known one re-checks, and this bounds the cost of one
+        that was missed to a second instead of a socket nobody reads again."""
+        self._recheck()
+        self._recheck_replies()
+
     def _recheck(self) -> None:
         """Any call on the SUB socket may consume the edge of its FD (libzmq processes pending
         commands and input then), so a message that arrived meanwhile would wake nobody: look again."""

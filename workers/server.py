@@ -293,6 +293,8 @@ class Worker:
             self._sweep_idle(now)
         for late in self.channels.sweep(now, self.config.unsubscribe_grace):
             self._answer_late_join(late)
+        for bus in self.hubs.buses:
+            bus.poke()
         for request_id in [r for r, (deadline, _) in self.requests.items() if deadline <= now]:
             _, answer = self.requests.pop(request_id)
             answer(None)

@@ -2,6 +2,7 @@
 
     python -m loadtest.bench.hub_alone [--events 300000]
     python -m loadtest.bench hub_alone        # the same measure(), as a bench scenario
+    python -m loadtest.bench.hub_alone --shards 2   # 2 shards side by side: events/s together
 
 No workers and no WebSocket clients, so the figure is the hub's own ceiling: events/s each
 subscriber received and the hub process's CPU time per event (from /proc, all its threads,
@@ -107,10 +108,88 @@ def measure(events: int = DEFAULT_EVENTS, extra_env: dict[str, str] | None = Non
     }
 
 
+def _publisher(ingress: str, message: bytes, events: int, go: Any, out: Any) -> None:
+    sock = zmq.Context().socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.connect(ingress)
+    out.put("ready")
+    go.wait()
+    for _ in range(events):
+        sock.send(message)
+    sock.close(linger=-1)  # everything handed over before the process ends
+
+
+def measure_shards(hubs: int, events: int = DEFAULT_EVENTS) -> dict[str, Any]:
+    """`hubs` hub shards side by side, each fed by its own publisher process and read by its own
+    subscriber process: events/s through all of them together (wall clock, first send to last
+    receive) and each shard's CPU per event. On a machine with fewer free cores than
+    hubs x 3 processes, the total shows where extra shards stop helping."""
+    from hub.shards import shard_of
+
+    runtime = tempfile.mkdtemp(prefix="tidings-hub-shards-")
+    env = {**os.environ, "TIDINGS_RUNTIME_DIR": runtime, "TIDINGS_JWT_SECRET": "h" * 40,
+           "TIDINGS_HUB_HWM": str(HWM), "TIDINGS_HUBS": str(hubs), "TIDINGS_HISTORY": ""}
+    procs = [subprocess.Popen([sys.executable, "-m", "tidings", "hub", "--shard", str(i)], env=env, cwd=REPO,
+                              stderr=subprocess.DEVNULL) for i in range(hubs)]
+    children: list[mp.process.BaseProcess] = []
+    try:
+        time.sleep(1.0)
+        base = "ipc://" + runtime + ("" if hubs == 1 else "/hub-{}")
+        channels: dict[int, str] = {}
+        n = 0
+        while len(channels) < hubs:  # one channel owned by each shard
+            name = f"bench:shard-{n}"
+            channels.setdefault(shard_of(name.encode(), hubs), name)
+            n += 1
+        results, ready, go = _CTX.Queue(), _CTX.Queue(), _CTX.Event()
+        for shard, channel in channels.items():
+            topic, body = encode_event(channel, "chat_message", {"content": "x" * 100})
+            where = base.format(shard)
+            children.append(_CTX.Process(target=_subscriber, args=(f"{where}/egress", topic, events, results)))
+            children.append(_CTX.Process(target=_publisher, args=(f"{where}/ingress", ingress_record(topic, body),
+                                                                   events, go, ready)))
+        for p in children:
+            p.start()
+        for _ in range(hubs):
+            results.get(timeout=30)  # subscribers confirmed
+            ready.get(timeout=30)  # publishers connected
+        cpu0 = [_cpu_seconds(p.pid) for p in procs]
+        t0 = time.perf_counter()
+        go.set()
+        for _ in range(hubs):
+            results.get(timeout=RESULT_TIMEOUT)
+        wall = time.perf_counter() - t0
+        cpu = [_cpu_seconds(p.pid) - c for p, c in zip(procs, cpu0, strict=True)]
+    finally:
+        for p in children:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+        for hub in procs:
+            hub.terminate()
+        for hub in procs:
+            try:
+                hub.wait(10)
+            except subprocess.TimeoutExpired:
+                hub.kill()
+                hub.wait(5)
+        shutil.rmtree(runtime, ignore_errors=True)
+    return {"hubs": hubs, "events": events * hubs, "events_per_s": events * hubs / wall,
+            "hub_cpu_us_per_event": [c / events * 1e6 for c in cpu]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=DEFAULT_EVENTS)
+    parser.add_argument("--shards", type=int, default=0,
+                        help="N > 0: N hub shards side by side, one publisher and one subscriber each")
     args = parser.parse_args()
+    if args.shards:
+        r = measure_shards(args.shards, args.events)
+        print(json.dumps({"run": "hub_shards", "hubs": r["hubs"], "events": r["events"],
+                          "events_per_s": round(r["events_per_s"]),
+                          "hub_cpu_us_per_event": [round(x, 2) for x in r["hub_cpu_us_per_event"]]}))
+        return
     r = measure(args.events)
     per_cpu_s = r["hub_events_per_cpu_s"]
     print(json.dumps({
