@@ -242,7 +242,7 @@ def cmd_keys(config: Config, args: argparse.Namespace) -> int:
     d = Path(directory)
     print(f"next: copy {d / (HUB_NAME + '.key')} to every host that runs workers or publishes; copy each such "
           f"host's {HOST_NAME}.key into {d / 'authorized'}/ on every hub host (any name ending in .key), "
-          "then `systemctl reload tidings-hub@*` (SIGHUP) there")
+          "then `systemctl reload tidings-hubs.target` (SIGHUP to each shard) there")
     return 0
 
 
