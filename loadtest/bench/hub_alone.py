@@ -55,6 +55,23 @@ def _subscriber(egress: str, topic: bytes, events: int, out: Any) -> None:
     out.put(events / (time.perf_counter() - (first or time.perf_counter())))
 
 
+def _stop(children: list[mp.process.BaseProcess], hubs: list[subprocess.Popen[bytes]], runtime: str) -> None:
+    """Everything a measurement started, by handle: load processes killed, hubs asked to stop."""
+    for p in children:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
+    for hub in hubs:
+        hub.terminate()
+    for hub in hubs:
+        try:
+            hub.wait(10)
+        except subprocess.TimeoutExpired:
+            hub.kill()
+            hub.wait(5)
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
 def measure(events: int = DEFAULT_EVENTS, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Start a hub, push `events` through it to 2 subscribers, stop it; rates and hub CPU time.
     extra_env: more TIDINGS_* settings (TIDINGS_HISTORY='bench=64/300s' keeps this channel's history)."""
@@ -89,17 +106,7 @@ def measure(events: int = DEFAULT_EVENTS, extra_env: dict[str, str] | None = Non
     finally:
         if pub is not None:
             pub.close(0)
-        for p in subs:
-            if p.is_alive():  # our own children, by handle
-                p.kill()
-            p.join(5)
-        hub.terminate()
-        try:
-            hub.wait(10)
-        except subprocess.TimeoutExpired:
-            hub.kill()
-            hub.wait(5)
-        shutil.rmtree(runtime, ignore_errors=True)
+        _stop(subs, [hub], runtime)
     return {
         "events": events, "publisher_per_s": publish_rate, "subscriber_per_s": rates, "hub_cpu_s": cpu,
         "hub_cpu_us_per_event": cpu / events * 1e6,
@@ -161,19 +168,7 @@ def measure_shards(hubs: int, events: int = DEFAULT_EVENTS) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         cpu = [_cpu_seconds(p.pid) - c for p, c in zip(procs, cpu0, strict=True)]
     finally:
-        for p in children:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
-        for hub in procs:
-            hub.terminate()
-        for hub in procs:
-            try:
-                hub.wait(10)
-            except subprocess.TimeoutExpired:
-                hub.kill()
-                hub.wait(5)
-        shutil.rmtree(runtime, ignore_errors=True)
+        _stop(children, procs, runtime)
     return {"hubs": hubs, "events": events * hubs, "events_per_s": events * hubs / wall,
             "hub_cpu_us_per_event": [c / events * 1e6 for c in cpu]}
 
