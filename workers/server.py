@@ -41,9 +41,8 @@ from hub.envelope import (
     ANSWERED,
     HISTORY_REQUEST,
     REQUEST_ID,
+    TOPIC_END,
     confirmed_ingress,
-    ingress_record,
-    read_ingress,
     reply_topic_for,
     split_answer,
     split_egress,
@@ -591,21 +590,21 @@ class Worker:
         if pending is not None:  # else answered after its deadline: already told it failed
             pending[1]([body])
 
-    def push_publishes(self, message: bytes, publishers: list[tuple[ClientConnection, Forward]]) -> bool:
-        """A loop pass's client publishes, one confirmed message per hub shard: each is answered
-        `published` with its offset and epoch once its shard stamped it. False: none could go."""
+    def push_publishes(self, records: list[bytes], publishers: list[tuple[ClientConnection, Forward]]) -> bool:
+        """A loop pass's client publishes (ingress records, one per publisher), one confirmed
+        message per hub shard: each is answered `published` with its offset and epoch once its
+        shard stamped it. False: none could go (the writer answers them all)."""
         if self.hubs.count == 1:
-            sent = self.publish_confirmed(self.hubs.buses[0], message,
+            sent = self.publish_confirmed(self.hubs.buses[0], records[0] if len(records) == 1 else b"".join(records),
                                           lambda frames: self._answer_publishes(publishers, frames))
             if not sent:
                 self._count_publishes(len(publishers), False)
             return sent
-        records, _ = read_ingress(message, len(message))  # built by this worker: well formed
         failed = 0
-        groups = split_by_shard(((topic, (body, publisher)) for (topic, body), publisher
-                                 in zip(records, publishers, strict=True)), self.hubs.count)
+        groups = split_by_shard(((record[:record.index(TOPIC_END) + 1], (record, publisher))
+                                 for record, publisher in zip(records, publishers, strict=True)), self.hubs.count)
         for shard, group in groups.items():
-            part = b"".join(ingress_record(topic, body) for topic, (body, _) in group)
+            part = b"".join(record for _, (record, _) in group)
             who = [publisher for _, (_, publisher) in group]
             if not self.publish_confirmed(self.hubs.buses[shard], part,
                                           lambda frames, who=who: self._answer_publishes(who, frames)):

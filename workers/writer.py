@@ -30,15 +30,15 @@ class PublishReplies(Protocol):
     def failed(self) -> bytes: ...  # the reply when the hub did not take the event
 
 
-# (ingress message, [(connection, its publish), ...] in record order) -> False if it cannot leave
-PushPublishes = Callable[[bytes, list[tuple[Any, Any]]], bool]
+# (ingress records, [(connection, its publish), ...] in the same order) -> False if none can leave
+PushPublishes = Callable[[list[bytes], list[tuple[Any, Any]]], bool]
 
 
 class LoopPassWriter:
     def __init__(self, loop: asyncio.AbstractEventLoop, push_publishes: PushPublishes,
                  max_pending_bytes: int, on_slow: Callable[[Any], None]) -> None:
         self.loop = loop
-        self.push_publishes = push_publishes  # sends one confirmed ingress message to the hub
+        self.push_publishes = push_publishes  # sends them as one confirmed ingress message per hub shard
         self.max_pending_bytes = max_pending_bytes
         self.on_slow = on_slow  # a connection over max_pending_bytes: the caller aborts it
         self.pending: dict[Any, list[bytes]] = {}
@@ -89,7 +89,7 @@ class LoopPassWriter:
         if not records:
             return
         self.records, self.publishers = [], []
-        if not self.push_publishes(records[0] if len(records) == 1 else b"".join(records), publishers):
+        if not self.push_publishes(records, publishers):
             for conn, replies in publishers:
                 if not conn.closed:
                     self.frame(conn, text_frame(replies.failed))

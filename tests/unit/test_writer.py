@@ -63,9 +63,10 @@ class Harness:
         self.slow: list[Conn] = []
         self.writer = LoopPassWriter(self.loop, self.push, cap, self.slow.append)  # type: ignore[arg-type]
 
-    def push(self, message: bytes, publishers: list[tuple[Any, Any]]) -> bool:
+    def push(self, records: list[bytes], publishers: list[tuple[Any, Any]]) -> bool:
+        assert len(records) == len(publishers)  # one record per publisher, in order
         if self.hub_takes:
-            self.hub.append(message)
+            self.hub.append(b"".join(records))  # what the worker sends for one hub shard
             self.publishers.append(publishers)
         return self.hub_takes
 
