@@ -133,7 +133,8 @@ class TidingsService:
         return rc
 
     def children(self) -> dict[str, int]:
-        """Role -> pid of the supervisor's live children: {"hub": 123, "worker 0": 124, ...}."""
+        """Role -> pid of the supervisor's live children: {"hub": 123, "hub 0": 123, "hub 1": 125,
+        "worker 0": 124, ...} ("hub" is shard 0)."""
         assert self.proc is not None
         found: dict[str, int] = {}
         try:
@@ -146,7 +147,10 @@ class TidingsService:
             except OSError:
                 continue
             if b"hub" in argv:
-                found["hub"] = pid
+                shard = argv[argv.index(b"--shard") + 1].decode() if b"--shard" in argv else "0"
+                found[f"hub {shard}"] = pid
+                if shard == "0":
+                    found["hub"] = pid  # the only one, unless TIDINGS_HUBS > 1
             elif b"worker" in argv:
                 found[f"worker {argv[argv.index(b'--index') + 1].decode()}"] = pid
         return found
