@@ -655,7 +655,7 @@ class Worker:
                 frames = frames_for.get(waiter.since)
                 if frames is None:
                     frames = frames_for[waiter.since] = b"".join(text_frame(p) for p in events)
-                self.writer.frame(conn, frames)
+                self.writer.replay(conn, frames)
                 self.stats.deliveries += len(events)
         recovery = channel.recovery
         if recovery is not None:

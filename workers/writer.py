@@ -45,6 +45,11 @@ class LoopPassWriter:
         self.records: list[bytes] = []  # ingress records of this pass's client publishes
         self.publishers: list[tuple[Any, Any]] = []  # (connection, its publish), in record order
         self.scheduled = False
+        # History replays: a resuming or healing reader is handed up to recovery_max_events at once,
+        # which can be more than the cap by itself; it may hold those bytes unsent on top of the cap
+        # until its buffer is back under it. Rare, so kept out of the per-connection loop.
+        self.replaying: dict[Any, int] = {}  # queued this pass: connection -> replayed bytes
+        self.allowance: dict[Any, int] = {}  # written: connection -> bytes allowed over the cap
 
     # -- queueing ----------------------------------------------------------------------------
     def frame(self, conn: Writable, frame: bytes) -> None:
@@ -55,6 +60,11 @@ class LoopPassWriter:
             self._schedule()
         else:
             queued.append(frame)
+
+    def replay(self, conn: Writable, frames: bytes) -> None:
+        """Queue a history replay (complete frames) for conn: its size is allowed over the cap."""
+        self.frame(conn, frames)
+        self.replaying[conn] = self.replaying.get(conn, 0) + len(frames)
 
     def fan_out(self, members: Iterable[Writable], data: bytes) -> None:
         """Queue the same bytes for every member: one append each, no copy."""
@@ -77,6 +87,8 @@ class LoopPassWriter:
     def drop(self, conn: Writable) -> None:
         """Forget conn's queue (it is being aborted, or has gone)."""
         self.pending.pop(conn, None)
+        self.replaying.pop(conn, None)
+        self.allowance.pop(conn, None)
 
     def _schedule(self) -> None:
         if not self.scheduled:
@@ -111,10 +123,27 @@ class LoopPassWriter:
             # What the kernel has not taken yet: over the cap, this reader is not keeping up.
             # (This pass's own bytes do not count, so one large batch never drops a healthy
             # reader; the bus bounds a batch's size.)
-            if raw.get_write_buffer_size() > limit:
+            if raw.get_write_buffer_size() > limit and not self._within_allowance(conn, limit):
                 self.on_slow(conn)
                 continue
             raw.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if self.replaying or self.allowance:
+            self._settle_allowances(limit)
+
+    def _within_allowance(self, conn: Writable, limit: int) -> bool:
+        extra = self.allowance.get(conn)
+        return extra is not None and conn.raw.get_write_buffer_size() <= limit + extra
+
+    def _settle_allowances(self, limit: int) -> None:
+        """End the allowance of readers back under the cap (or gone); start those of the replays
+        just written. After the loop, so a replay is never checked against its own pass."""
+        allowance = self.allowance
+        for conn in [c for c in allowance if c.closed or c.raw.get_write_buffer_size() <= limit]:
+            del allowance[conn]
+        for conn, size in self.replaying.items():
+            if not conn.closed:
+                allowance[conn] = allowance.get(conn, 0) + size
+        self.replaying.clear()
 
     def flush_one(self, conn: Writable) -> None:
         """Write conn's queue now (before a close or a ping goes out on picows' own path)."""
@@ -122,3 +151,6 @@ class LoopPassWriter:
         frames = self.pending.pop(conn, None)
         if frames and not conn.closed:
             conn.raw.write(b"".join(frames))
+            size = self.replaying.pop(conn, None)
+            if size is not None:
+                self.allowance[conn] = self.allowance.get(conn, 0) + size

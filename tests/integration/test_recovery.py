@@ -412,6 +412,37 @@ def test_a_worker_behind_on_many_channels_heals_them_all() -> None:
             c.nothing(0.01)
 
 
+def test_a_replay_bigger_than_the_slow_consumer_cap_is_not_held_against_the_reader() -> None:
+    """A resume hands the reader its whole gap in one write, which may be more than the cap on
+    unsent bytes: that reader is not slow, and the live events after the replay must not abort it
+    (it would reconnect, resume, and be aborted again, for ever)."""
+    cap = 128 * 1024
+    with TidingsService(workers=1, env={"TIDINGS_MAX_PENDING_BYTES": str(cap),
+                                        "TIDINGS_HISTORY": "conversation=300/300s",
+                                        "TIDINGS_RECOVERY_MAX_EVENTS": "300"}) as svc:
+        channel = "conversation:big-replay"
+        c, _ = client(svc, "big-replay")
+        start = subscribe(c, channel)
+        c.close()
+        missed = 200  # 200 events of 3 KB: a 600 KB replay, over the 128 KB cap and the kernel's buffers
+        with Publisher(f"ipc://{svc.runtime_dir}/ingress") as pub:
+            for n in range(missed + 1):
+                pub.publish(channel, "chat_message", {"n": n, "pad": "x" * 3000})
+            deadline = time.monotonic() + 10  # a confirmed publish takes another path: it could overtake
+            while pub.history(channel, limit=0).offset < missed + 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            c, _ = client(svc, "big-replay")
+            assert subscribe(c, channel, since=position(start))["recovered"] is True
+            time.sleep(0.3)  # not reading: the replay sits in the worker's buffer
+            for n in range(missed + 1, missed + 6):  # live events, each a pass of its own
+                pub.publish(channel, "chat_message", {"n": n}, confirm=True)
+                time.sleep(0.02)
+        events = read_events(c, missed + 6)
+        assert [e["data"]["n"] for e in events] == list(range(missed + 6))
+        assert [e["offset"] for e in events] == list(range(1, missed + 7))
+        assert "slow consumer" not in svc.logs()
+
+
 def test_a_gap_inside_a_batch_loses_nothing_queued_before_it() -> None:
     """The events a worker reads in one pass before an offset jump still reach the members who
     then wait for the jump to heal: events keep flowing while the stopped worker resumes, so a

@@ -171,3 +171,55 @@ def test_closed_and_dropped_connections_get_nothing() -> None:
     h.writer.drop(dropped)
     h.loop.run_pass_end()
     assert closed.raw.writes == [] and dropped.raw.writes == []
+
+
+def test_a_history_replay_may_sit_over_the_cap_until_it_drains() -> None:
+    """A resuming reader is handed its whole gap at once: those bytes are not held against it, the
+    live events after them are, and once its buffer is back under the cap the allowance ends."""
+    h, reader = Harness(cap=1000), Conn()
+    replay = frames(b"r" * 1500)
+    h.writer.replay(reader, replay)
+    h.loop.run_pass_end()
+    assert reader.raw.writes == [replay]
+    reader.raw.buffered = 1000 + len(replay)  # the kernel took none of it yet
+    h.writer.frame(reader, text_frame(b"live"))
+    h.loop.run_pass_end()
+    assert h.slow == [] and reader.raw.writes[-1] == text_frame(b"live")
+    reader.raw.buffered = 1001 + len(replay)  # live bytes on top of the cap and the replay: too slow
+    h.writer.frame(reader, text_frame(b"more"))
+    h.loop.run_pass_end()
+    assert h.slow == [reader]
+
+
+def test_the_replay_allowance_ends_when_the_reader_catches_up() -> None:
+    h, reader = Harness(cap=1000), Conn()
+    h.writer.replay(reader, frames(b"r" * 1500))
+    h.loop.run_pass_end()
+    reader.raw.buffered = 10  # drained
+    h.writer.frame(reader, text_frame(b"live"))
+    h.loop.run_pass_end()
+    assert h.writer.allowance == {}
+    reader.raw.buffered = 1001
+    h.writer.frame(reader, text_frame(b"x"))
+    h.loop.run_pass_end()
+    assert h.slow == [reader]
+
+
+def test_a_replay_is_checked_against_the_buffer_before_it_as_any_pass() -> None:
+    h, reader = Harness(cap=1000), Conn(Raw(buffered=1001))
+    h.writer.replay(reader, frames(b"r"))
+    h.loop.run_pass_end()
+    assert h.slow == [reader] and reader.raw.writes == []
+
+
+def test_allowances_of_gone_readers_are_forgotten() -> None:
+    h, gone, dropped = Harness(cap=1000), Conn(), Conn()
+    for conn in (gone, dropped):
+        h.writer.replay(conn, frames(b"r" * 1500))
+    h.loop.run_pass_end()
+    gone.raw.buffered = dropped.raw.buffered = 2000
+    gone.closed = True
+    h.writer.drop(dropped)
+    h.writer.frame(Conn(), text_frame(b"x"))
+    h.loop.run_pass_end()
+    assert h.writer.allowance == {} and h.writer.replaying == {}
