@@ -42,7 +42,7 @@ from hub.envelope import (
 from hub.history import HistoryStore, parse_history_spec
 from hub.persist import HistoryLog
 from tidings.config import Config, ConfigError
-from tidings.links import KeyGate, LinkWatch, keys_for, set_heartbeat, warn_if_insecure
+from tidings.links import CurveKeys, KeyGate, LinkWatch, keys_for, set_heartbeat, warn_if_insecure
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
 from tidings.sdnotify import Notifier
@@ -62,6 +62,7 @@ TICK_SECONDS = 1.0  # metrics flush, status line, watchdog floor
 # one extra message per active channel per period.
 POSITION_CHECK_SECONDS = 5.0
 REFUSAL_LOG_SECONDS = 10.0  # per socket and peer host
+REBIND_SECONDS = 2.0  # a key rotation re-binds each endpoint: how long its old listener may keep the port
 MAX_REFUSAL_LOGS = 1000  # peer hosts remembered for that; past it the memory starts over
 # What the hub watches on its sockets: links coming and going, and handshakes it refused.
 LINK_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED
@@ -106,6 +107,7 @@ class Broker:
         self.requests = self.ctx.socket(zmq.ROUTER)
         self.gate: KeyGate | None = None
         self.reload_requested = False
+        self.exit_code = 0
         # Links on every socket: worker links on the XPUB (counted, logged), and refused
         # handshakes anywhere (a plain or unknown publisher knocks on the ingress or requests).
         self.watches = {name: (sock.get_monitor_socket(LINK_EVENTS), LinkWatch())
@@ -135,9 +137,57 @@ class Broker:
         self.requests.setsockopt(zmq.RCVHWM, REQUEST_HWM)
         self.requests.setsockopt(zmq.SNDHWM, REPLY_HWM)
         self.requests.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a requester that left: drop its reply
-        self.ingress.bind(self.ingress_endpoint)
-        self.egress.bind(self.egress_endpoint)
-        self.requests.bind(self.requests_endpoint)
+        for sock, endpoint in self._endpoints():
+            sock.bind(endpoint)
+
+    def _endpoints(self) -> tuple[tuple[zmq.Socket[bytes], str], ...]:
+        return ((self.ingress, self.ingress_endpoint), (self.egress, self.egress_endpoint),
+                (self.requests, self.requests_endpoint))
+
+    def reload_keys(self) -> None:
+        """SIGHUP: re-read authorized/; and when TIDINGS_HUB_KEYS holds a new hub key pair (a
+        rotation), serve with it. Every link is cut and made again with the new pair by whoever
+        has the new hub.key; history, epochs and offsets stay, so workers heal what they missed
+        from history as after any short outage (a restart would lose unpersisted history)."""
+        if self.gate is None or self.keys is None:
+            return
+        self.log.info("hub %d reloaded the authorized keys: %d admitted", self.shard, self.gate.reload())
+        try:
+            fresh = CurveKeys.load(self.keys.directory)
+            fresh.check_server()
+        except ConfigError as exc:
+            self.log.error("hub %d keeps its key pair: %s", self.shard, exc)
+            return
+        if fresh.server_pair == self.keys.server_pair:
+            return
+        # A listener copies the socket's options when it binds: unbind (which also closes the
+        # links it accepted), set the new pair, bind again.
+        for sock, _ in self._endpoints():
+            sock.unbind(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+            fresh.make_server(sock)
+        for sock, endpoint in self._endpoints():
+            if not self._bind_again(sock, endpoint):
+                self.log.error("hub %d cannot bind %s again after its key changed: stopping (a restart binds "
+                               "it with the new key)", self.shard, endpoint)
+                self.exit_code, self.stopping = 1, True
+                return
+        self.keys = self.gate.keys = fresh
+        self.log.info("hub %d serves with a new key pair (hub.key %s): every link was cut; workers and publishers "
+                      "link again once they have the new hub.key (SIGHUP the workers)", self.shard,
+                      fresh.hub_public.decode())
+
+    @staticmethod
+    def _bind_again(sock: zmq.Socket[bytes], endpoint: str) -> bool:
+        """The old listener closes in ZeroMQ's I/O thread: its port can stay busy a moment."""
+        deadline = time.monotonic() + REBIND_SECONDS
+        while True:
+            try:
+                sock.bind(endpoint)
+                return True
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    return False
+                time.sleep(0.02)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
@@ -193,8 +243,7 @@ class Broker:
                     self.drain_link_events(name)
             if self.reload_requested:
                 self.reload_requested = False
-                if self.gate is not None:
-                    self.log.info("hub %d reloaded the authorized keys: %d admitted", self.shard, self.gate.reload())
+                self.reload_keys()
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + POSITION_CHECK_SECONDS
@@ -211,7 +260,7 @@ class Broker:
         mark_process_dead(os.getpid())
         self.log.info("hub %d stopped: %d events forwarded since it started", self.shard, self.stats.hub_events_in)
         self._close()
-        return 0
+        return self.exit_code
 
     def _close(self) -> None:
         for sock, (monitor, _) in zip((self.egress, self.ingress, self.requests), self.watches.values(), strict=True):

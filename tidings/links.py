@@ -16,6 +16,9 @@ one `zmq.auth.create_certificates` writes):
     host.key             its public half, to copy into each hub host's authorized/
     authorized/*.key     public keys the hubs admit (ZAP); re-read on SIGHUP
 
+SIGHUP also rotates the pairs: a hub that finds a new hub.key_secret re-binds with it (cutting
+every link), a worker that finds a new host pair or hub.key re-dials with them.
+
 A hub is a CURVE server: it proves it holds hub.key_secret, every peer proves it holds a key
 listed in authorized/, and everything on the link is encrypted (CurveZMQ). A link that fails
 either check carries nothing. ZAP runs at each handshake, so a key removed from authorized/
@@ -86,19 +89,36 @@ class CurveKeys:
 
     def make_server(self, sock: zmq.Socket[Any]) -> None:
         """Before bind: the socket proves it is the hub and admits only authorized peers."""
-        if self.hub_secret is None:
-            raise ConfigError(f"TIDINGS_HUB_KEYS: {self.directory / (HUB_NAME + '.key_secret')} is missing: a hub "
-                              "needs the hub key pair (`tidings keys generate --hub`)")
+        self.check_server()
+        assert self.hub_secret is not None
         sock.curve_publickey = self.hub_public
         sock.curve_secretkey = self.hub_secret
         sock.curve_server = True
         sock.zap_domain = ZAP_DOMAIN.encode()
 
-    def make_client(self, sock: zmq.Socket[Any]) -> None:
-        """Before connect: the socket talks only to the holder of hub.key_secret, as this host."""
+    @property
+    def client_pair(self) -> tuple[bytes, bytes | None, bytes | None]:
+        """What a connecting socket uses: a change of any part is a rotation."""
+        return self.hub_public, self.host_public, self.host_secret
+
+    @property
+    def server_pair(self) -> tuple[bytes, bytes | None]:
+        return self.hub_public, self.hub_secret
+
+    def check_client(self) -> None:
         if self.host_secret is None or self.host_public is None:
             raise ConfigError(f"TIDINGS_HUB_KEYS: {self.directory / (HOST_NAME + '.key_secret')} is missing: "
                               "workers and publishers need this host's key pair (`tidings keys generate`)")
+
+    def check_server(self) -> None:
+        if self.hub_secret is None:
+            raise ConfigError(f"TIDINGS_HUB_KEYS: {self.directory / (HUB_NAME + '.key_secret')} is missing: a hub "
+                              "needs the hub key pair (`tidings keys generate --hub`)")
+
+    def make_client(self, sock: zmq.Socket[Any]) -> None:
+        """Before connect: the socket talks only to the holder of hub.key_secret, as this host."""
+        self.check_client()
+        assert self.host_public is not None and self.host_secret is not None
         sock.curve_serverkey = self.hub_public
         sock.curve_publickey = self.host_public
         sock.curve_secretkey = self.host_secret

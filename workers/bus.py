@@ -95,6 +95,16 @@ class HubBus:
             if keys is not None:
                 keys.make_client(sock)
 
+    def rekey(self, keys: CurveKeys) -> None:
+        """New CURVE keys (a rotation): they apply to the next connection, so re-dial now. Not
+        linked until that handshake succeeds (an explicit disconnect raises no monitor event)."""
+        for sock in (self.sub, self.push, self.dealer):
+            keys.make_client(sock)
+        self.connected = False
+        if self._redial is not None:
+            self._redial.cancel()
+        self._dial_again()
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.sub.connect(self.egress)

@@ -48,8 +48,8 @@ from hub.envelope import (
     split_egress,
 )
 from hub.shards import split_by_shard
-from tidings.config import Config
-from tidings.links import keys_for, warn_if_insecure
+from tidings.config import Config, ConfigError
+from tidings.links import CurveKeys, keys_for, warn_if_insecure
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
 from tidings.sdnotify import Notifier
@@ -106,7 +106,8 @@ class Worker:
         self.verifier = TokenVerifier.from_config(config)
         self.limits = SessionLimits.from_config(config)
         self.loop = asyncio.get_running_loop()
-        self.hubs = HubShards(config, keys_for(config), self.on_hub_messages, self.on_hub_state, self.on_hub_reply)
+        self.hub_keys = keys_for(config)
+        self.hubs = HubShards(config, self.hub_keys, self.on_hub_messages, self.on_hub_state, self.on_hub_reply)
         for bus in self.hubs.buses:
             bus.refused = self.on_hub_refused
         self.refusal_log = RateLimitedLog(log, REFUSAL_LOG_SECONDS)
@@ -254,7 +255,30 @@ class Worker:
         self.config = self.config.replace(allowed_origins=fresh.allowed_origins)
         self.log.info("worker %d reloaded keys and origins (previous key valid %.0fs more)",
                       self.index, fresh.jwt_rotation_overlap)
+        self._reload_hub_keys()
         self.notifier.ready(self.status_line())
+
+    def _reload_hub_keys(self) -> None:
+        """A new host key pair or hub.key in TIDINGS_HUB_KEYS (a rotation): re-link every hub with
+        it. Clients stay connected; what a hub sent during the re-link is healed from history like
+        any short outage. Turning CURVE on or off, or moving the directory, needs a restart."""
+        if self.hub_keys is None:
+            return
+        try:
+            fresh = CurveKeys.load(self.hub_keys.directory)
+            fresh.check_client()
+        except ConfigError as exc:
+            self.log.error("worker %d keeps its hub keys: %s", self.index, exc)
+            return
+        if fresh.client_pair == self.hub_keys.client_pair:
+            return
+        self.hub_keys = fresh
+        self.log.info("worker %d re-links its hubs with new keys (host key %s, hub key %s)", self.index,
+                      fresh.host_public.decode() if fresh.host_public else "?", fresh.hub_public.decode())
+        for bus in self.hubs.buses:
+            bus.rekey(fresh)
+            self.channels.hub_lost(lambda topic, bus=bus: self.hubs.for_topic(topic) is bus)
+        self.stats.hubs_down = self.hubs.down
 
     @property
     def hub_up(self) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -423,6 +424,75 @@ def test_curve_admits_only_authorized_keys(net: Network, keyring: Keyring, tmp_p
             assert watcher.events(channel)[0].position == (pos.offset, pos.epoch)
 
     run(body)
+
+
+def test_host_and_hub_keys_rotate_by_reload_without_dropping_a_client(net: Network, keyring: Keyring,
+                                                                     tmp_path: Path) -> None:
+    """Keys are files rotated by SIGHUP (`systemctl reload`), as the JWT keys are, not by a restart.
+
+    - A worker host's key: a new pair made by `tidings keys generate`, admitted at the hub while
+      the old one is removed, hub reloaded (links up stay up), then the worker reloaded: it re-links
+      with the new pair (the old one would now be refused) and its client notices nothing.
+    - The hubs' key: a new pair on the hub and its hub.key on the hosts; the hub reloaded cuts
+      every link and serves with the new pair, keeping history, epochs and offsets; an event
+      published while the worker still has the old hub.key reaches the client from history once
+      the worker is reloaded. One WebSocket throughout, every event once, in order, one epoch."""
+    cluster = start_cluster(net, keyring, tmp_path, hubs=1, authorized=("w1", "pub"), workers=("w1",))
+    hub, worker = cluster.hub_procs[0], cluster.workers["w1"]
+    hub_dir, w1_dir = cluster.keys["hub"], cluster.keys["w1"]
+    channel = "conversation:rotation"
+    reader, _ = connect(f"{cluster.ws_url('w1')}?token={cluster.token('reader', channels=PATTERNS)}")
+    assert reader.subscribe(channel)["type"] == "subscribed"
+
+    def publish(mark: str) -> None:
+        with Publisher.from_config(Config.load(environ=cluster.publisher_env("pub"))) as pub:
+            pub.publish(channel, "chat_message", {"m": mark}, confirm=True)
+
+    def generate(directory: Path, *hub_flag: str) -> None:
+        done = cluster.cli("keys", "generate", *hub_flag, "--dir", str(directory), keys=None)
+        assert done.returncode == 0, done
+
+    publish("before")
+    # The worker host's pair.
+    old_host = public_key(w1_dir)
+    for name in ("host.key", "host.key_secret"):
+        (w1_dir / name).rename(tmp_path / f"old-{name}")
+    generate(w1_dir)
+    assert public_key(w1_dir) != old_host
+    authorize(hub_dir, w1_dir, "w1-new")
+    (hub_dir / "authorized" / "w1.key").unlink()
+    mark, worker_mark = hub.mark(), worker.mark()
+    hub.signal(signal.SIGHUP)
+    hub.wait_for(r"reloaded the authorized keys: 2 admitted", after=mark)
+    worker.signal(signal.SIGHUP)
+    worker.wait_for(r"re-links its hubs with new keys", after=worker_mark)
+    worker.wait_for(r"linked to hub 0", after=worker_mark, timeout=15)
+    assert not hub.seen(r"refused", after=mark), hub.log()
+    publish("after-host")
+
+    # The hubs' pair.
+    new_hub = tmp_path / "new-hub"
+    generate(new_hub, "--hub")
+    for name in ("hub.key", "hub.key_secret"):
+        shutil.copyfile(new_hub / name, hub_dir / name)
+    for host in ("w1", "pub"):
+        shutil.copyfile(new_hub / "hub.key", cluster.keys[host] / "hub.key")
+    mark, worker_mark = hub.mark(), worker.mark()
+    hub.signal(signal.SIGHUP)
+    hub.wait_for(r"serves with a new key pair", after=mark)
+    worker.wait_for(r"lost hub 0", after=worker_mark, timeout=DETECT_BOUND)
+    publish("during")  # the publisher has the new hub.key; the worker does not yet
+    worker_mark = worker.mark()
+    worker.signal(signal.SIGHUP)
+    worker.wait_for(r"linked to hub 0", after=worker_mark, timeout=15)
+    publish("after-hub")
+
+    events = [reader.recv(READ) for _ in range(4)]
+    assert [e["data"]["m"] for e in events] == ["before", "after-host", "during", "after-hub"], events
+    assert [e["offset"] for e in events] == [1, 2, 3, 4]
+    assert len({e["epoch"] for e in events}) == 1, events  # the hub kept its history: no new epoch
+    reader.nothing(0.2)
+    reader.close()
 
 
 # -- faults ------------------------------------------------------------------------------------------------

@@ -80,6 +80,21 @@ def test_a_worker_host_without_its_pair_or_the_hub_key_is_told_what_to_do(tmp_pa
         sock.close(0)
 
 
+def test_a_rotation_is_a_change_of_the_pair_a_side_uses(tmp_path: Path) -> None:
+    generate(tmp_path, hub=True)
+    before = CurveKeys.load(tmp_path)
+    assert CurveKeys.load(tmp_path).client_pair == before.client_pair  # re-read, unchanged: no re-link
+    for name in ("host.key", "host.key_secret"):
+        (tmp_path / name).unlink()
+    generate(tmp_path, hub=False)
+    host_rotated = CurveKeys.load(tmp_path)
+    assert host_rotated.client_pair != before.client_pair and host_rotated.server_pair == before.server_pair
+    for name in ("hub.key", "hub.key_secret"):
+        (tmp_path / name).unlink()
+    generate(tmp_path, hub=True)
+    assert CurveKeys.load(tmp_path).server_pair != before.server_pair
+
+
 def test_topology_says_what_runs_and_where() -> None:
     config = Config.load(environ={"TIDINGS_HUBS": "2", "TIDINGS_ROLE": "workers", "TIDINGS_RUNTIME_DIR": "/r"})
     text = "\n".join(topology(config))
