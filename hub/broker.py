@@ -42,7 +42,7 @@ from hub.envelope import (
 from hub.history import HistoryStore, parse_history_spec
 from hub.persist import HistoryLog
 from tidings.config import Config, ConfigError
-from tidings.links import CurveKeys, KeyGate, LinkWatch, keys_for, set_heartbeat, warn_if_insecure
+from tidings.links import KeyGate, LinkWatch, keys_for, set_heartbeat, warn_if_insecure
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
 from tidings.sdnotify import Notifier
@@ -153,12 +153,11 @@ class Broker:
             return
         self.log.info("hub %d reloaded the authorized keys: %d admitted", self.shard, self.gate.reload())
         try:
-            fresh = CurveKeys.load(self.keys.directory)
-            fresh.check_server()
+            fresh = self.keys.reread(server=True)
         except ConfigError as exc:
             self.log.error("hub %d keeps its key pair: %s", self.shard, exc)
             return
-        if fresh.server_pair == self.keys.server_pair:
+        if fresh is None:
             return
         # A listener copies the socket's options when it binds: unbind (which also closes the
         # links it accepted), set the new pair, bind again.

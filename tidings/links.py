@@ -115,6 +115,16 @@ class CurveKeys:
             raise ConfigError(f"TIDINGS_HUB_KEYS: {self.directory / (HUB_NAME + '.key_secret')} is missing: a hub "
                               "needs the hub key pair (`tidings keys generate --hub`)")
 
+    def reread(self, *, server: bool) -> CurveKeys | None:
+        """The directory again (on SIGHUP): the new keys if the pair this side uses changed (a
+        rotation), None if not. Raises ConfigError if that pair is now unreadable or missing."""
+        fresh = CurveKeys.load(self.directory)
+        if server:
+            fresh.check_server()
+            return fresh if fresh.server_pair != self.server_pair else None
+        fresh.check_client()
+        return fresh if fresh.client_pair != self.client_pair else None
+
     def make_client(self, sock: zmq.Socket[Any]) -> None:
         """Before connect: the socket talks only to the holder of hub.key_secret, as this host."""
         self.check_client()

@@ -49,7 +49,7 @@ from hub.envelope import (
 )
 from hub.shards import split_by_shard
 from tidings.config import Config, ConfigError
-from tidings.links import CurveKeys, keys_for, warn_if_insecure
+from tidings.links import keys_for, warn_if_insecure
 from tidings.logs import RateLimitedLog
 from tidings.metrics import Stats, StatsExporter, mark_process_dead
 from tidings.sdnotify import Notifier
@@ -265,12 +265,11 @@ class Worker:
         if self.hub_keys is None:
             return
         try:
-            fresh = CurveKeys.load(self.hub_keys.directory)
-            fresh.check_client()
+            fresh = self.hub_keys.reread(server=False)
         except ConfigError as exc:
             self.log.error("worker %d keeps its hub keys: %s", self.index, exc)
             return
-        if fresh.client_pair == self.hub_keys.client_pair:
+        if fresh is None:
             return
         self.hub_keys = fresh
         self.log.info("worker %d re-links its hubs with new keys (host key %s, hub key %s)", self.index,

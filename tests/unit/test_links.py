@@ -83,16 +83,20 @@ def test_a_worker_host_without_its_pair_or_the_hub_key_is_told_what_to_do(tmp_pa
 def test_a_rotation_is_a_change_of_the_pair_a_side_uses(tmp_path: Path) -> None:
     generate(tmp_path, hub=True)
     before = CurveKeys.load(tmp_path)
-    assert CurveKeys.load(tmp_path).client_pair == before.client_pair  # re-read, unchanged: no re-link
+    assert before.reread(server=False) is None and before.reread(server=True) is None  # unchanged: no re-link
     for name in ("host.key", "host.key_secret"):
         (tmp_path / name).unlink()
+    with pytest.raises(ConfigError, match=r"host\.key_secret is missing"):
+        before.reread(server=False)  # a worker keeps its links rather than drop them for a half-made pair
     generate(tmp_path, hub=False)
-    host_rotated = CurveKeys.load(tmp_path)
-    assert host_rotated.client_pair != before.client_pair and host_rotated.server_pair == before.server_pair
+    host_rotated = before.reread(server=False)
+    assert host_rotated is not None and host_rotated.client_pair != before.client_pair
+    assert before.reread(server=True) is None  # the hubs' pair did not change
     for name in ("hub.key", "hub.key_secret"):
         (tmp_path / name).unlink()
     generate(tmp_path, hub=True)
-    assert CurveKeys.load(tmp_path).server_pair != before.server_pair
+    hub_rotated = before.reread(server=True)
+    assert hub_rotated is not None and hub_rotated.server_pair != before.server_pair
 
 
 def test_topology_says_what_runs_and_where() -> None:
