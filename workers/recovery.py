@@ -70,12 +70,26 @@ class ChannelRecovery:
     read_id: bytes | None = None  # the hub request in flight
     read_since: int = 0
     reads: int = 0
+    unsent_since: float | None = None  # when a read first could not be sent (None: the last one went)
+    retry_pending: bool = False  # a read that could not be sent is tried again shortly
 
     def next_read(self) -> int | None:
-        """The position to read from, or None when a read is in flight or nobody waits."""
-        if self.read_id is not None or not self.waiters:
+        """The position to read from, or None when a read is in flight or due again, or nobody waits."""
+        if self.read_id is not None or self.retry_pending or not self.waiters:
             return None
         return min(w.since for w in self.waiters)
+
+    def read_unsent(self, now: float, patience: float) -> bool:
+        """A read could not be sent: True to try again (a retry is then pending), False once it
+        has not gone for `patience` seconds (the caller gives up)."""
+        if self.unsent_since is None:
+            self.unsent_since = now
+        self.retry_pending = now - self.unsent_since < patience
+        return self.retry_pending
+
+    def read_sent(self, read_id: bytes, since: int) -> None:
+        self.read_id, self.read_since, self.unsent_since = read_id, since, None
+        self.reads += 1
 
     def settle(self, covered: bool, same_epoch: bool, history: list[tuple[int, bytes]],
                live: int, max_events: int) -> list[Outcome]:
@@ -110,6 +124,7 @@ class ChannelRecovery:
         """The hub did not answer in time: nobody recovers."""
         done = [Outcome(w, None) for w in self.waiters]
         self.waiters, self.held, self.read_id = [], [], None
+        self.unsent_since, self.retry_pending = None, False
         return done
 
     def remove(self, member: Any) -> list[Waiter]:

@@ -82,6 +82,7 @@ TICK_SECONDS = 1.0  # housekeeping period: expiry precision and metrics freshnes
 # still away (a shard down must not keep a restarted worker from serving the others' channels,
 # nor make systemd's start timeout kill it in a loop).
 READY_WITHOUT_EVERY_HUB_SECONDS = 10.0
+READ_RETRY_SECONDS = 0.02  # a history read that could not leave yet is tried again after this
 REFUSAL_LOG_SECONDS = 30.0  # a refused hub link is retried every few seconds: say so once in a while
 IDLE_SWEEP_SECONDS = 5.0  # how often every connection's idle time is looked at
 READ_BUFFER_BYTES = 1024  # picows allocates max(this, 2048) per connection up front (2.3.1); it grows for big frames
@@ -551,11 +552,22 @@ class Worker:
                              "limit": self.config.recovery_max_events, "source": "worker"})
         request_id = self.request(channel.name, HISTORY_REQUEST, body, lambda frames: self._on_read(channel, frames))
         if request_id is None:
+            # Linked, yet the read cannot leave: its socket's handshake ends a moment after the
+            # events socket's (a re-link), or its queue is full. Try again rather than fail everyone.
+            linked = self.hubs.for_channel(channel.name).connected
+            if linked and recovery.read_unsent(now, self.config.subscribe_timeout):
+                self.loop.call_later(READ_RETRY_SECONDS, self._read_again, channel)
+                return
             self.log.warning("cannot ask the hub for history of %s: hub unavailable", channel.name)
             self._finish_recovery(channel, recovery.give_up(), now)
             return
-        recovery.read_id, recovery.read_since = request_id, since
-        recovery.reads += 1
+        recovery.read_sent(request_id, since)
+
+    def _read_again(self, channel: Channel) -> None:
+        recovery = channel.recovery
+        if recovery is not None and recovery.retry_pending:
+            recovery.retry_pending = False
+            self._read(channel, self.loop.time())
 
     def _on_read(self, channel: Channel, frames: list[bytes] | None) -> None:
         """A history read came back (or timed out: None): settle the channel's waiters."""

@@ -37,8 +37,7 @@ def begin_read(recovery: ChannelRecovery, request_id: bytes = b"r") -> int:
     """What the worker does to ask the hub: read from next_read(), one read more."""
     since = recovery.next_read()
     assert since is not None
-    recovery.read_id, recovery.read_since = request_id, since
-    recovery.reads += 1
+    recovery.read_sent(request_id, since)
     return since
 
 
@@ -126,6 +125,27 @@ def test_next_read_is_the_lowest_position_and_none_while_a_read_is_in_flight() -
     assert recovery.next_read() is None  # one read at a time per channel
     recovery.settle(True, True, events(4, 9), 9, MAX_EVENTS)
     assert recovery.read_id is None and recovery.next_read() == 1  # the late one, from further back
+
+
+def test_a_read_that_cannot_leave_is_retried_for_a_while_then_given_up() -> None:
+    """Right after a re-link the read socket may not be linked yet: the waiters wait a moment."""
+    recovery = ChannelRecovery(waiters=[waiter(3)])
+    assert recovery.read_unsent(10.0, patience=2.0) and recovery.retry_pending
+    assert recovery.next_read() is None  # one retry pending, no second read meanwhile
+    recovery.retry_pending = False  # the retry runs
+    assert recovery.next_read() == 3
+    assert recovery.read_unsent(11.9, patience=2.0)  # measured from the first failure
+    recovery.retry_pending = False
+    assert not recovery.read_unsent(12.0, patience=2.0) and not recovery.retry_pending
+    recovery.read_sent(b"r", 3)
+    assert recovery.unsent_since is None  # a later failure gets its full patience again
+
+
+def test_giving_up_ends_a_pending_retry() -> None:
+    recovery = ChannelRecovery(waiters=[waiter(3)])
+    recovery.read_unsent(0.0, patience=2.0)
+    assert [o.events for o in recovery.give_up()] == [None]
+    assert not recovery.retry_pending and recovery.unsent_since is None
 
 
 # -- ChannelRecovery: settle -----------------------------------------------------------------------------------
