@@ -8,8 +8,8 @@ CURVE as this host.
 
 The SUB socket is read with `loop.add_reader` on its edge-triggered ZMQ_FD: each wake-up drains
 up to DRAIN_BATCH messages without blocking, then re-checks ZMQ_EVENTS (reading it can consume
-the edge) and reschedules itself if more is waiting. A monitor socket reports whether the hub
-connection is up.
+the edge) and reschedules itself if more is waiting. A monitor socket per socket reports whether
+the hub connection is up.
 """
 
 from __future__ import annotations
@@ -79,8 +79,11 @@ class HubBus:
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         # "Up" is a finished ZMTP handshake (with CURVE: the hub proved its key and admitted ours),
-        # not a TCP connect.
-        self.monitor = self.sub.get_monitor_socket(LINK_EVENTS)
+        # not a TCP connect, on all three sockets: their handshakes end a few ms apart, and a
+        # publish or a history read in between would fail.
+        self.sockets = (self.sub, self.push, self.dealer)
+        self.monitors = [sock.get_monitor_socket(LINK_EVENTS) for sock in self.sockets]
+        self.up = [False] * len(self.sockets)
         self.connected = False
         self.refused: Callable[[int, str], None] | None = None  # told when the hub refuses the handshake
         self._redial: asyncio.TimerHandle | None = None
@@ -98,8 +101,9 @@ class HubBus:
     def rekey(self, keys: CurveKeys) -> None:
         """New CURVE keys (a rotation): they apply to the next connection, so re-dial now. Not
         linked until that handshake succeeds (an explicit disconnect raises no monitor event)."""
-        for sock in (self.sub, self.push, self.dealer):
+        for sock in self.sockets:
             keys.make_client(sock)
+        self.up = [False] * len(self.sockets)
         self.connected = False
         if self._redial is not None:
             self._redial.cancel()
@@ -111,11 +115,13 @@ class HubBus:
         self.push.connect(self.ingress)
         self.dealer.connect(self.requests)
         loop.add_reader(self.sub.getsockopt(zmq.FD), self._drain)
-        loop.add_reader(self.monitor.getsockopt(zmq.FD), self._drain_monitor)
+        for n, monitor in enumerate(self.monitors):
+            loop.add_reader(monitor.getsockopt(zmq.FD), self._drain_monitor, n)
         loop.add_reader(self.dealer.getsockopt(zmq.FD), self.drain_replies)
         # Edge-triggered: anything that arrived before add_reader would never wake us.
         loop.call_soon(self._drain)
-        loop.call_soon(self._drain_monitor)
+        for n in range(len(self.monitors)):
+            loop.call_soon(self._drain_monitor, n)
         loop.call_soon(self.drain_replies)
 
     def close(self) -> None:
@@ -123,11 +129,13 @@ class HubBus:
             self._redial.cancel()
         if self.loop is not None and not self.sub.closed:
             self.loop.remove_reader(self.sub.getsockopt(zmq.FD))
-            self.loop.remove_reader(self.monitor.getsockopt(zmq.FD))
+            for monitor in self.monitors:
+                self.loop.remove_reader(monitor.getsockopt(zmq.FD))
             self.loop.remove_reader(self.dealer.getsockopt(zmq.FD))
-        self.sub.disable_monitor()
+        for sock, monitor in zip(self.sockets, self.monitors, strict=True):
+            sock.disable_monitor()
+            monitor.close(0)
         self.dealer.close(0)
-        self.monitor.close(0)
         self.sub.close(0)
         self.push.close()
 
@@ -141,11 +149,14 @@ class HubBus:
         self._recheck()
 
     def poke(self) -> None:
-        """Look at both sockets again (from the worker's 1 s tick). Their FDs are edge-triggered and
+        """Look at the sockets again (from the worker's 1 s tick). Their FDs are edge-triggered and
         many calls can consume an edge; each known one re-checks, and this bounds the cost of one
         that was missed to a second instead of a socket nobody reads again."""
         self._recheck()
         self._recheck_replies()
+        if self.loop is not None:
+            for n in range(len(self.monitors)):
+                self.loop.call_soon(self._drain_monitor, n)
 
     def _recheck(self) -> None:
         """Any call on the SUB socket may consume the edge of its FD (libzmq processes pending
@@ -185,26 +196,29 @@ class HubBus:
             assert self.loop is not None
             self.loop.call_soon(self._drain)
 
-    def _drain_monitor(self) -> None:
+    def _drain_monitor(self, n: int) -> None:
+        """Link events of socket n: the bus is connected while all three are."""
+        monitor = self.monitors[n]
         while True:
             try:
-                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
             kind = event["event"]
             if kind not in (zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED):
-                if self.refused is not None:
+                if n == 0 and self.refused is not None:  # the three are refused alike: tell once
                     self.refused(self.shard, REFUSALS.get(kind, "the handshake failed"))
                 self._schedule_redial()
                 continue
-            up = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            self.up[n] = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            up = all(self.up)
             if up != self.connected:
                 self.connected = up
                 self.on_hub_state(self.shard, up)
         # Same edge rule as the SUB socket.
-        if self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             assert self.loop is not None
-            self.loop.call_soon(self._drain_monitor)
+            self.loop.call_soon(self._drain_monitor, n)
 
     def _schedule_redial(self) -> None:
         if self._redial is None and self.loop is not None:

@@ -39,6 +39,7 @@ from hub import HubUnavailable, Publisher
 from hub.shards import shard_of
 from tests.client import connect
 from tests.netns import (
+    PYTHON,
     Cluster,
     Keyring,
     Network,
@@ -496,6 +497,21 @@ def test_host_and_hub_keys_rotate_by_reload_without_dropping_a_client(net: Netwo
     assert len({e["epoch"] for e in events}) == 1, events  # the hub kept its history: no new epoch
     reader.nothing(0.2)
     reader.close()
+
+
+def test_a_worker_is_linked_only_when_all_three_sockets_are(net: Network, keyring: Keyring, tmp_path: Path) -> None:
+    """Events, publishes and history reads ride three sockets to a hub. A worker that reaches the
+    hub's events and ingress ports but not its requests port (a wrong port here) would fail every
+    history read and confirmed publish: it says it is not linked and is not ready."""
+    cluster = start_cluster(net, keyring, tmp_path, hubs=1, workers=())
+    env = {**cluster.worker_env("w1", cluster.keys["w1"]), "TIDINGS_HUB_REQUESTS": cluster.requests[0][:-1] + "9"}
+    worker = net.spawn("w1", [PYTHON, "-m", "tidings", "worker", "--index", "0"], env, "worker-w1-half")
+    worker.wait_for(r"serving ws://")
+    cluster.hub_procs[0].wait_for(r"worker link from .* up")  # its events socket did link
+    time.sleep(HEARTBEAT * 2)
+    assert not worker.seen(r"linked to hub"), worker.log()
+    status, health = cluster.api("w1", "/healthz")
+    assert (status, health["ready"], health["hubs_down"]) == (503, False, 1), health
 
 
 # -- faults ------------------------------------------------------------------------------------------------
