@@ -132,6 +132,7 @@ class Worker:
         self.server: asyncio.Server | None = None
         self.api: PublishAPI | None = None
         self.gap_log = RateLimitedLog(log)
+        self.heal_log = RateLimitedLog(log)  # its own: right after a "missed" line, it must still show
         self.exporter = StatsExporter(stats)  # before the API starts: /metrics flushes it
         # uvloop (libuv) rides out EMFILE on accept without spinning or logging; we say it once in a while.
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -672,6 +673,7 @@ class Worker:
     def _finish_recovery(self, channel: Channel, outcomes: list[Outcome], now: float) -> None:
         """Send each settled waiter its events (or the news that there are none) and make it live."""
         frames_for: dict[int, bytes] = {}  # since -> the joined frames: waiters of one position share them
+        signalled = 0
         for outcome in outcomes:
             waiter, events = outcome.waiter, outcome.events
             conn = waiter.member
@@ -681,6 +683,7 @@ class Worker:
                 self.stats.heals["healed" if events is not None else "signalled"] += 1
                 if events is None:
                     self._signal(conn, channel, now)
+                    signalled += 1
                     continue
             else:
                 self.stats.recoveries["recovered" if events is not None else "not_recovered"] += 1
@@ -692,6 +695,10 @@ class Worker:
                     frames = frames_for[waiter.since] = b"".join(text_frame(p) for p in events)
                 self.writer.replay(conn, frames)
                 self.stats.deliveries += len(events)
+        if signalled:
+            self.heal_log.warning(now, "could not heal %d member(s) of %s (history no longer has the missed events, "
+                                 "the hub did not answer, or this worker kept falling behind): told them to "
+                                 "resubscribe (insufficient_state)", signalled, channel.name)
         recovery = channel.recovery
         if recovery is not None:
             if recovery.waiters:
