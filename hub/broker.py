@@ -62,7 +62,7 @@ TICK_SECONDS = 1.0  # metrics flush, status line, watchdog floor
 # one extra message per active channel per period.
 POSITION_CHECK_SECONDS = 5.0
 REFUSAL_LOG_SECONDS = 10.0  # per socket and peer host
-REBIND_SECONDS = 2.0  # a key rotation re-binds each endpoint: how long its old listener may keep the port
+REBIND_SECONDS = 2.0  # a key rotation binds the endpoints anew: how long the old listeners may keep a port
 MAX_REFUSAL_LOGS = 1000  # peer hosts remembered for that; past it the memory starts over
 # What the hub watches on its sockets: links coming and going, and handshakes it refused.
 LINK_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED
@@ -102,19 +102,40 @@ class Broker:
         self.drop_log = RateLimitedLog(log)
         self.refusal_logs: dict[tuple[str, str], RateLimitedLog] = {}
         self.ctx = zmq.Context()
-        self.ingress = self.ctx.socket(zmq.PULL)
-        self.egress = self.ctx.socket(zmq.XPUB)
-        self.requests = self.ctx.socket(zmq.ROUTER)
         self.gate: KeyGate | None = None
         self.reload_requested = False
         self.exit_code = 0
+        self._open_sockets()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _open_sockets(self) -> None:
+        self.ingress = self.ctx.socket(zmq.PULL)
+        self.egress = self.ctx.socket(zmq.XPUB)
+        self.requests = self.ctx.socket(zmq.ROUTER)
         # Links on every socket: worker links on the XPUB (counted, logged), and refused
         # handshakes anywhere (a plain or unknown publisher knocks on the ingress or requests).
         self.watches = {name: (sock.get_monitor_socket(LINK_EVENTS), LinkWatch())
                         for name, sock in (("egress", self.egress), ("ingress", self.ingress),
                                            ("requests", self.requests))}
 
-    # -- lifecycle ---------------------------------------------------------------------------
+    def _close_sockets(self) -> None:
+        for sock, (monitor, _) in zip((self.egress, self.ingress, self.requests), self.watches.values(), strict=True):
+            sock.disable_monitor()
+            monitor.close(0)
+        self.ingress.close(0)
+        self.egress.close(0)
+        self.requests.close(0)
+
+    def _poller(self) -> tuple[zmq.Poller, dict[zmq.Socket[bytes], str]]:
+        """What the loop waits on: the three sockets and their monitors (name by monitor)."""
+        poller = zmq.Poller()
+        for sock in (self.ingress, self.egress, self.requests):
+            poller.register(sock, zmq.POLLIN)
+        monitors = {monitor: name for name, (monitor, _) in self.watches.items()}
+        for monitor in monitors:
+            poller.register(monitor, zmq.POLLIN)
+        return poller, monitors
+
     def bind(self) -> None:
         for endpoint in (self.ingress_endpoint, self.egress_endpoint, self.requests_endpoint):
             d = _ipc_dir(endpoint)
@@ -124,7 +145,7 @@ class Broker:
             set_heartbeat(sock, self.config.hub_heartbeat)
             if self.keys is not None:
                 self.keys.make_server(sock)
-        if self.keys is not None:
+        if self.keys is not None and self.gate is None:
             self.gate = KeyGate(self.ctx, self.keys, self.log)
         self.ingress.setsockopt(zmq.RCVHWM, self.config.hub_hwm)
         self.ingress.setsockopt(zmq.LINGER, 0)
@@ -137,56 +158,51 @@ class Broker:
         self.requests.setsockopt(zmq.RCVHWM, REQUEST_HWM)
         self.requests.setsockopt(zmq.SNDHWM, REPLY_HWM)
         self.requests.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a requester that left: drop its reply
-        for sock, endpoint in self._endpoints():
-            sock.bind(endpoint)
+        self.ingress.bind(self.ingress_endpoint)
+        self.egress.bind(self.egress_endpoint)
+        self.requests.bind(self.requests_endpoint)
 
-    def _endpoints(self) -> tuple[tuple[zmq.Socket[bytes], str], ...]:
-        return ((self.ingress, self.ingress_endpoint), (self.egress, self.egress_endpoint),
-                (self.requests, self.requests_endpoint))
-
-    def reload_keys(self) -> None:
+    def reload_keys(self) -> bool:
         """SIGHUP: re-read authorized/; and when TIDINGS_HUB_KEYS holds a new hub key pair (a
-        rotation), serve with it. Every link is cut and made again with the new pair by whoever
-        has the new hub.key; history, epochs and offsets stay, so workers heal what they missed
-        from history as after any short outage (a restart would lose unpersisted history)."""
+        rotation), serve with it. True when the sockets were replaced for that.
+
+        Every link is cut and made again with the new pair by whoever has the new hub.key (the
+        sockets are closed and opened again: unbinding would leave links made with the old pair
+        half alive, their messages discarded); history, epochs and offsets stay, so workers heal
+        what they missed from history as after any short outage (a restart would lose
+        unpersisted history)."""
         if self.gate is None or self.keys is None:
-            return
+            return False
         self.log.info("hub %d reloaded the authorized keys: %d admitted", self.shard, self.gate.reload())
         try:
             fresh = self.keys.reread(server=True)
         except ConfigError as exc:
             self.log.error("hub %d keeps its key pair: %s", self.shard, exc)
-            return
+            return False
         if fresh is None:
-            return
-        # A listener copies the socket's options when it binds: unbind (which also closes the
-        # links it accepted), set the new pair, bind again.
-        for sock, _ in self._endpoints():
-            sock.unbind(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
-            fresh.make_server(sock)
-        for sock, endpoint in self._endpoints():
-            if not self._bind_again(sock, endpoint):
-                self.log.error("hub %d cannot bind %s again after its key changed: stopping (a restart binds "
-                               "it with the new key)", self.shard, endpoint)
-                self.exit_code, self.stopping = 1, True
-                return
+            return False
+        self._close_sockets()
         self.keys = self.gate.keys = fresh
-        self.log.info("hub %d serves with a new key pair (hub.key %s): every link was cut; workers and publishers "
-                      "link again once they have the new hub.key (SIGHUP the workers)", self.shard,
-                      fresh.hub_public.decode())
-
-    @staticmethod
-    def _bind_again(sock: zmq.Socket[bytes], endpoint: str) -> bool:
-        """The old listener closes in ZeroMQ's I/O thread: its port can stay busy a moment."""
+        self.subscribers.clear()  # the workers subscribe again on their new links
+        self._open_sockets()
         deadline = time.monotonic() + REBIND_SECONDS
         while True:
             try:
-                sock.bind(endpoint)
-                return True
-            except zmq.ZMQError as exc:
+                self.bind()
+                break
+            except zmq.ZMQError as exc:  # the old listeners close in ZeroMQ's I/O thread: a port can stay busy
                 if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
-                    return False
+                    self.log.error("hub %d cannot bind again after its key changed: %s; stopping (a restart binds "
+                                   "with the new key)", self.shard, exc)
+                    self.exit_code, self.stopping = 1, True
+                    return True
+                self._close_sockets()
+                self._open_sockets()
                 time.sleep(0.02)
+        self.log.info("hub %d serves with a new key pair (hub.key %s): every link was cut; workers and publishers "
+                      "link again once they have the new hub.key (SIGHUP the workers)", self.shard,
+                      fresh.hub_public.decode())
+        return True
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
@@ -217,13 +233,7 @@ class Broker:
                       ", persisted" if self.journal else "",
                       f"CURVE ({self.gate.reload()} authorized keys)" if self.gate else "no CURVE")
         self.notifier.ready(f"epochs {epoch}*")
-        poller = zmq.Poller()
-        poller.register(self.ingress, zmq.POLLIN)
-        poller.register(self.egress, zmq.POLLIN)
-        poller.register(self.requests, zmq.POLLIN)
-        monitors = {monitor: name for name, (monitor, _) in self.watches.items()}
-        for monitor in monitors:
-            poller.register(monitor, zmq.POLLIN)
+        poller, monitors = self._poller()
         # The watchdog ping rides on the poll loop: a hub stuck anywhere stops sending it.
         tick_every = min(TICK_SECONDS, self.notifier.watchdog_interval or TICK_SECONDS)
         next_tick = time.monotonic() + tick_every
@@ -242,7 +252,9 @@ class Broker:
                     self.drain_link_events(name)
             if self.reload_requested:
                 self.reload_requested = False
-                self.reload_keys()
+                if self.reload_keys():
+                    poller, monitors = self._poller()
+                    continue
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + POSITION_CHECK_SECONDS
@@ -262,14 +274,9 @@ class Broker:
         return self.exit_code
 
     def _close(self) -> None:
-        for sock, (monitor, _) in zip((self.egress, self.ingress, self.requests), self.watches.values(), strict=True):
-            sock.disable_monitor()
-            monitor.close(0)
+        self._close_sockets()
         if self.gate is not None:
             self.gate.stop()
-        self.ingress.close(0)
-        self.egress.close(0)
-        self.requests.close(0)
         self.ctx.term()
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -86,6 +86,9 @@ class HubBus:
         self.up = [False] * len(self.sockets)
         self.connected = False
         self.refused: Callable[[int, str], None] | None = None  # told when the hub refuses the handshake
+        # Told when the events (SUB) link drops: its subscriptions are re-sent when it is back, and
+        # the hub answers each with the channel's position (the other two links carry no state).
+        self.events_lost: Callable[[int], None] | None = None
         self._redial: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._drain_scheduled = False
@@ -97,6 +100,11 @@ class HubBus:
             set_heartbeat(sock, heartbeat)
             if keys is not None:
                 keys.make_client(sock)
+
+    @property
+    def reachable(self) -> bool:
+        """Some socket is linked: the hub is there, the others' handshakes are about to end."""
+        return any(self.up)
 
     def rekey(self, keys: CurveKeys) -> None:
         """New CURVE keys (a rotation): they apply to the next connection, so re-dial now. Not
@@ -210,7 +218,9 @@ class HubBus:
                     self.refused(self.shard, REFUSALS.get(kind, "the handshake failed"))
                 self._schedule_redial()
                 continue
-            self.up[n] = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            was, self.up[n] = self.up[n], kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            if n == 0 and was and not self.up[n] and self.events_lost is not None:
+                self.events_lost(self.shard)
             up = all(self.up)
             if up != self.connected:
                 self.connected = up

@@ -111,6 +111,7 @@ class Worker:
         self.hubs = HubShards(config, self.hub_keys, self.on_hub_messages, self.on_hub_state, self.on_hub_reply)
         for bus in self.hubs.buses:
             bus.refused = self.on_hub_refused
+            bus.events_lost = self.on_hub_events_lost
         self.refusal_log = RateLimitedLog(log, REFUSAL_LOG_SECONDS)
         self.channels = ChannelRegistry(self.hubs.subscribe, self.hubs.unsubscribe)
         self.connections: dict[ClientConnection, None] = {}
@@ -277,8 +278,8 @@ class Worker:
         self.log.info("worker %d re-links its hubs with new keys (host key %s, hub key %s)", self.index,
                       fresh.host_public.decode() if fresh.host_public else "?", fresh.hub_public.decode())
         for bus in self.hubs.buses:
-            bus.rekey(fresh)
-            self.channels.hub_lost(lambda topic, bus=bus: self.hubs.for_topic(topic) is bus)
+            bus.rekey(fresh)  # the SUB re-subscribes on its new connection: like a lost events link
+            self.on_hub_events_lost(bus.shard)
         self.stats.hubs_down = self.hubs.down
 
     @property
@@ -553,10 +554,11 @@ class Worker:
                              "limit": self.config.recovery_max_events, "source": "worker"})
         request_id = self.request(channel.name, HISTORY_REQUEST, body, lambda frames: self._on_read(channel, frames))
         if request_id is None:
-            # Linked, yet the read cannot leave: its socket's handshake ends a moment after the
-            # events socket's (a re-link), or its queue is full. Try again rather than fail everyone.
-            linked = self.hubs.for_channel(channel.name).connected
-            if linked and recovery.read_unsent(now, self.config.subscribe_timeout):
+            # The hub is there, yet the read cannot leave: its socket's handshake ends a moment
+            # after the events socket's (a re-link), or its queue is full. Try again rather than
+            # fail everyone.
+            reachable = self.hubs.for_channel(channel.name).reachable
+            if reachable and recovery.read_unsent(now, self.config.subscribe_timeout):
                 self.loop.call_later(READ_RETRY_SECONDS, self._read_again, channel)
                 return
             self.log.warning("cannot ask the hub for history of %s: hub unavailable", channel.name)
@@ -785,7 +787,10 @@ class Worker:
             self.log.warning("worker %d lost hub %d (%s: closed, or silent for %.0fs of heartbeats); clients "
                              "stay connected, its channels' publishes and new subscribes are refused until it is "
                              "back", self.index, shard, bus.egress, self.config.hub_heartbeat * 3)
-            self.channels.hub_lost(lambda topic: self.hubs.for_topic(topic) is bus)
+
+    def on_hub_events_lost(self, shard: int) -> None:
+        bus = self.hubs.buses[shard]
+        self.channels.hub_lost(lambda topic: self.hubs.for_topic(topic) is bus)
 
     def on_hub_refused(self, shard: int, why: str) -> None:
         self.stats.worker_hub_links[(str(shard), "refused")] += 1
