@@ -16,7 +16,7 @@ one `zmq.auth.create_certificates` writes):
     host.key             its public half, to copy into each hub host's authorized/
     authorized/*.key     public keys the hubs admit (ZAP); re-read on SIGHUP
 
-SIGHUP also rotates the pairs: a hub that finds a new hub.key_secret re-binds with it (cutting
+SIGHUP also rotates the pairs: a hub that finds a new hub.key_secret reopens its sockets with it (cutting
 every link), a worker that finds a new host pair or hub.key re-dials with them.
 
 A hub is a CURVE server: it proves it holds hub.key_secret, every peer proves it holds a key
