@@ -19,7 +19,9 @@ Blocking and thread-confined (one Publisher per thread), as a ZeroMQ socket is.
   persistence on, written it), with its offset and epoch; HubUnavailable otherwise. A timeout is
   ambiguous (the hub may have stamped it just before going away): the message says so.
 Confirmed publishes and history reads use the hub's request endpoint (TIDINGS_HUB_REQUESTS),
-derived from an ipc:// ingress endpoint when not given.
+derived from an ipc:// ingress endpoint when not given. So the order holds among unconfirmed
+publishes and among confirmed ones, not across the two: a confirmed publish can be stamped before
+an unconfirmed one sent just before it. Confirm both (or neither) when their order matters.
 
 Several endpoints (one per hub shard, in shard order) make it route each channel to its shard
 (hub/shards.py); a broadcast sends one message per shard, each taken whole or not at all.

@@ -41,6 +41,15 @@ def tidings_command() -> list[str]:
     return [sys.executable, "-m", "tidings"]
 
 
+def until_stamped(pub: Any, channel: str, offset: int, timeout: float = 10.0) -> None:
+    """Wait until the hub has stamped `channel` up to `offset` (a `hub.Publisher`'s unconfirmed
+    publishes return before that, and its confirmed ones take another socket that can overtake
+    them); returns after `timeout` regardless, for the test's own assertions to report."""
+    deadline = time.monotonic() + timeout
+    while pub.history(channel, limit=0).offset < offset and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 class TidingsService:
     """Runs `tidings run` (or any subcommand) as a child process group with test settings."""
 

@@ -14,7 +14,7 @@ from websocket import ABNF
 
 from hub import Publisher
 from tests.client import Client, connect
-from tests.service import TidingsService
+from tests.service import TidingsService, until_stamped
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,10 @@ def test_every_path_reaches_every_subscriber_once_on_both_workers(svc: TidingsSe
     assert cli.returncode == 0, cli.stderr
     # 2. the Python Publisher
     with Publisher(f"ipc://{svc.runtime_dir}/ingress") as pub:
-        pub.publish(channel, "status_update", {"n": 2})
+        pub.publish(channel, "status_update", {"n": 2})  # fire and forget: no position comes back
+        # ... so wait until the hub stamped it: the hub fair-queues its publishers, and the HTTP
+        # publish below, from another connection, could otherwise be stamped first.
+        until_stamped(pub, channel, 2)
     # 3. the HTTP API
     status, body = svc.publish_http(channel, "notification", {"n": 3})
     assert status == 200 and body["ok"] is True and body["channels"] == 1 and body["channel"] == channel

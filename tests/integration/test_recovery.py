@@ -14,7 +14,7 @@ import pytest
 
 from hub import HubUnavailable, Publisher
 from tests.client import Client, connect
-from tests.service import TidingsService
+from tests.service import TidingsService, until_stamped
 
 CHANNELS = ["conversation:*", "room:*", "task:*"]
 
@@ -140,7 +140,7 @@ def test_personal_channel_resumes_from_the_connect_url(svc: TidingsService) -> N
     with Publisher(f"ipc://{svc.runtime_dir}/ingress") as pub:
         for i in range(5):
             pub.publish("user:personal", "notification", {"i": i})
-    time.sleep(0.2)
+        until_stamped(pub, "user:personal", mark["offset"] + 5)
     c2, hello2 = client(svc, "personal", query=f"&since={mark['offset']}:{mark['epoch']}")
     personal = hello2["data"]["personal"]
     assert personal["recovered"] is True and personal["offset"] == mark["offset"] + 5
@@ -228,6 +228,8 @@ def test_confirmed_publishes_return_their_position(svc: TidingsService) -> None:
         first = pub.publish(channel, "chat_message", {"via": "publisher"}, confirm=True)
         assert first is not None and first.channel == channel and first.offset == start["offset"] + 1
         assert pub.publish(channel, "chat_message", {"via": "fire-and-forget"}) is None
+        # It takes the other socket (see hub/publisher.py): stamped before the broadcast only if we wait.
+        until_stamped(pub, channel, first.offset + 1)
         both = pub.broadcast_confirmed([channel, "conversation:confirm-2"], "notification", {"via": "broadcast"})
     assert [p.offset for p in both] == [start["offset"] + 3, 1]
     reply = c.request("publish", {"channel": channel, "type": "chat_message", "data": {"via": "socket"}}, "p")
@@ -392,9 +394,7 @@ def test_a_worker_behind_on_many_channels_heals_them_all() -> None:
                         pub.publish(f"user:many-{i}", "notification", {"n": n, "pad": "x" * 2000})
                 # Kept open until the hub stamped them all: a PUSH socket closed while the hub
                 # pushes back can lose its tail (fire-and-forget is at most once).
-                deadline = time.monotonic() + 10
-                while pub.history(f"user:many-{users - 1}", limit=0).offset < 4 and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                until_stamped(pub, f"user:many-{users - 1}", 4)
         finally:
             os.kill(worker, signal.SIGCONT)
         time.sleep(0.5)
@@ -428,9 +428,7 @@ def test_a_replay_bigger_than_the_slow_consumer_cap_is_not_held_against_the_read
         with Publisher(f"ipc://{svc.runtime_dir}/ingress") as pub:
             for n in range(missed + 1):
                 pub.publish(channel, "chat_message", {"n": n, "pad": "x" * 3000})
-            deadline = time.monotonic() + 10  # a confirmed publish takes another path: it could overtake
-            while pub.history(channel, limit=0).offset < missed + 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            until_stamped(pub, channel, missed + 1)  # not a confirmed publish: it could overtake these
             c, _ = client(svc, "big-replay")
             assert subscribe(c, channel, since=position(start))["recovered"] is True
             time.sleep(0.3)  # not reading: the replay sits in the worker's buffer
@@ -482,9 +480,7 @@ def test_a_gap_inside_a_batch_loses_nothing_queued_before_it() -> None:
                     # so that a busy machine does not overflow the tiny high-water mark again (a
                     # worker that keeps falling behind gives up healing after MAX_READS reads: unit-tested).
                     time.sleep(0.002)
-            deadline = time.monotonic() + 10
-            while pub.history("conversation:in-batch", limit=0).offset < total and time.monotonic() < deadline:
-                time.sleep(0.05)
+            until_stamped(pub, "conversation:in-batch", total)
         reader.join(20)
         assert not failures, (failures, [e.get("offset", e) for e in events][-5:], len(events), svc.logs()[-3000:])
         assert [e["offset"] for e in events] == list(range(1, total + 1))

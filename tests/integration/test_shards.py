@@ -17,7 +17,7 @@ import pytest
 from hub import Publisher
 from hub.shards import shard_of
 from tests.client import Client, connect
-from tests.service import TidingsService
+from tests.service import TidingsService, until_stamped
 
 
 def _owned_by(shard: int, prefix: str = "conversation:s") -> str:
@@ -70,6 +70,10 @@ def test_every_publish_path_reaches_the_owner_and_offsets_stay_per_channel(svc: 
     with Publisher([f"ipc://{rt}/hub-0/ingress", f"ipc://{rt}/hub-1/ingress"]) as pub:
         pub.publish(A, "n", {"k": "fire"})
         pub.publish(B, "n", {"k": "fire"})
+        # Unconfirmed publishes take another socket than confirmed ones (hub/publisher.py): wait
+        # until they are stamped, or the broadcast below could overtake them.
+        until_stamped(pub, A, 1)
+        until_stamped(pub, B, 1)
         positions = pub.broadcast_confirmed([B, A], "n", {"k": "confirmed"})
     assert [p.channel for p in positions] == [B, A]  # in the order asked, though on two shards
     status, body = svc.api("/api/broadcast", {"channels": [A, B], "type": "n", "data": {"k": "http"}})
